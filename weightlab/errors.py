@@ -1,0 +1,70 @@
+"""Typed errors. Every error that concerns a leaf names its pytree path.
+
+All inherit from :class:`WeightlabError`, so ``except weightlab.WeightlabError`` catches any bad
+input we detect. Most also inherit from the matching builtin (``ValueError``, ``TypeError``,
+``FileNotFoundError`` ...) so callers that already catch those keep working.
+"""
+
+from __future__ import annotations
+
+
+class WeightlabError(Exception):
+    """Base class of every error weightlab raises on purpose."""
+
+
+class StructureMismatchError(WeightlabError, ValueError):
+    """Two pytrees that must share a structure do not (different keys, containers or leaf counts)."""
+
+    def __init__(self, path: str, expected: str, found: str, what: str = "structure"):
+        self.path, self.expected, self.found = path, expected, found
+        super().__init__(f"{what} mismatch at '{path or '<root>'}': expected {expected}, found {found}")
+
+
+class ShapeMismatchError(StructureMismatchError):
+    """A leaf has the wrong shape."""
+
+    def __init__(self, path: str, expected, found):
+        super().__init__(path, str(tuple(expected)), str(tuple(found)), what="shape")
+
+
+class DTypeMismatchError(StructureMismatchError, TypeError):
+    """A leaf has the wrong dtype."""
+
+    def __init__(self, path: str, expected, found):
+        super().__init__(path, str(expected), str(found), what="dtype")
+
+
+class PathCollisionError(WeightlabError, ValueError):
+    """Two different leaves format to the same string path (e.g. dict keys ``0`` and ``"0"``)."""
+
+
+class NoMatchError(WeightlabError, ValueError):
+    """A selection pattern matched no array leaf (almost always a typo in the pattern)."""
+
+
+class PartitionError(WeightlabError, ValueError):
+    """A leaf is claimed by no group, or by several groups, of a :func:`weightlab.partition`."""
+
+
+class MissingExtraError(WeightlabError, TypeError):
+    """A transform needs a keyword extra (``key=``, ``grads=`` ...) that ``apply`` did not receive."""
+
+
+class CheckpointError(WeightlabError, ValueError):
+    """A checkpoint file is unreadable: truncated, corrupted or hostile header, bad offsets."""
+
+
+class UnknownDTypeError(CheckpointError, TypeError):
+    """A dtype with no safetensors name (or a safetensors dtype we cannot represent)."""
+
+
+class CheckpointNotFoundError(WeightlabError, FileNotFoundError):
+    """The checkpoint path (or a shard named by an index) does not exist."""
+
+
+class OutputExistsError(WeightlabError, FileExistsError):
+    """The output path exists and ``overwrite=True`` was not given."""
+
+
+class DependencyMissingError(WeightlabError, ImportError):
+    """An optional package (e.g. the real MiniLM weights) is not installed."""

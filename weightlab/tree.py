@@ -1,0 +1,339 @@
+"""Pytree utilities keyed by stable string paths.
+
+Every leaf of a parameter pytree gets a path such as ``encoder/layer_0/attn/query/kernel``: the keys
+from the root to the leaf joined by ``/`` (dict keys and attribute names as written, sequence
+indices as decimal numbers). The same model gives the same paths whether it is held as a plain
+dict, flax linen params, a ``flax.nnx.State`` (the ``Variable`` wrapper adds nothing to the path),
+an equinox module, lists/tuples or a registered dataclass. Selection, error messages and per-leaf
+random keys all use these paths, so they never depend on leaf order or container flavour.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import zlib
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import DTypeMismatchError, PathCollisionError, ShapeMismatchError, StructureMismatchError
+
+PyTree = Any
+Predicate = Callable[[str, Any], bool]
+Selector = Union[str, re.Pattern, Sequence[str], Predicate, None]
+
+SEP = "/"
+
+__all__ = [
+    "keystr", "flatten_with_paths", "paths", "to_flat_dict", "from_flat_dict", "map_with_path",
+    "predicate", "mask", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
+    "is_array", "true_nbytes", "tree_nbytes", "param_count", "describe",
+]
+
+
+# ----------------------------------------------------------------------------------------- paths
+
+def _key_to_str(k) -> str:
+    tu = jax.tree_util
+    if isinstance(k, tu.DictKey):
+        return str(k.key)
+    if isinstance(k, tu.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, tu.GetAttrKey):
+        return k.name
+    if isinstance(k, tu.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def keystr(keypath: Iterable[Any]) -> str:
+    """Format a jax key path (tuple of DictKey/SequenceKey/GetAttrKey/...) as ``a/b/0/c``."""
+    return SEP.join(_key_to_str(k) for k in keypath)
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    """Leaf wrappers that must not add a path component (flax.nnx ``Variable``/``VariableState``).
+
+    Looked up lazily in ``sys.modules`` so that weightlab never imports flax just to format a path.
+    """
+    mod = sys.modules.get("flax.nnx")
+    if mod is None:
+        return ()
+    out = []
+    for name in ("Variable", "VariableState"):
+        t = getattr(mod, name, None)
+        if isinstance(t, type):
+            out.append(t)
+    return tuple(out)
+
+
+def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
+    """Flatten ``tree`` into ``([(path, leaf), ...], treedef)``.
+
+    Leaves come in ``jax.tree.leaves`` order, so ``treedef.unflatten([leaf for _, leaf in pairs])``
+    rebuilds the tree. Raises :class:`PathCollisionError` if two leaves format to the same path.
+    """
+    wrappers = _wrapper_types()
+
+    def _is_leaf(x):
+        return (bool(wrappers) and isinstance(x, wrappers)) or (is_leaf is not None and is_leaf(x))
+
+    outer, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    pairs: list[tuple[str, Any]] = []
+    for kp, x in outer:
+        if wrappers and isinstance(x, wrappers):
+            inner, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=is_leaf)
+            if len(inner) == 1:
+                pairs.append((keystr(kp), inner[0][1]))
+            else:
+                pairs.extend((keystr(tuple(kp) + tuple(ikp)), leaf) for ikp, leaf in inner)
+        else:
+            pairs.append((keystr(kp), x))
+    treedef = jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
+    if treedef.num_leaves != len(pairs):  # pragma: no cover - defensive
+        raise StructureMismatchError("", f"{treedef.num_leaves} leaves", f"{len(pairs)} paths")
+    seen: dict[str, int] = {}
+    for i, (p, _) in enumerate(pairs):
+        if p in seen:
+            raise PathCollisionError(
+                f"leaves #{seen[p]} and #{i} both have path '{p}'; rename one key "
+                "(e.g. mixing int and str dict keys, or a key containing '/')")
+        seen[p] = i
+    return pairs, treedef
+
+
+def paths(tree: PyTree) -> list[str]:
+    """The path of every leaf, in leaf order."""
+    return [p for p, _ in flatten_with_paths(tree)[0]]
+
+
+def to_flat_dict(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` in leaf order."""
+    return dict(flatten_with_paths(tree)[0])
+
+
+def from_flat_dict(flat: dict[str, Any], like: PyTree | None = None, *, check: bool = True) -> PyTree:
+    """Inverse of :func:`to_flat_dict`.
+
+    Without ``like`` the result is nested ``dict``s keyed by the path components (strings). With
+    ``like`` the leaves are placed into ``like``'s exact structure (dicts, lists, nnx.State, ...);
+    missing or extra paths raise :class:`StructureMismatchError`, and with ``check`` a leaf whose
+    shape or dtype differs from ``like``'s raises the shape/dtype error naming the path.
+    """
+    if like is None:
+        out: dict = {}
+        for p, v in flat.items():
+            node = out
+            parts = p.split(SEP)
+            for part in parts[:-1]:
+                nxt = node.setdefault(part, {})
+                if not isinstance(nxt, dict):
+                    raise PathCollisionError(f"'{p}' descends into leaf '{part}'")
+                node = nxt
+            if parts[-1] in node:
+                raise PathCollisionError(f"path '{p}' is both a leaf and a subtree")
+            node[parts[-1]] = v
+        return out
+    pairs, treedef = flatten_with_paths(like)
+    want = {p for p, _ in pairs}
+    extra = [p for p in flat if p not in want]
+    if extra:
+        raise StructureMismatchError(extra[0], "no such leaf in the target structure", "an extra tensor")
+    leaves = []
+    for p, ref in pairs:
+        if p not in flat:
+            raise StructureMismatchError(p, "a tensor", "missing")
+        v = flat[p]
+        if check and is_array(ref):
+            if tuple(np.shape(v)) != tuple(np.shape(ref)):
+                raise ShapeMismatchError(p, np.shape(ref), np.shape(v))
+            if np.dtype(v.dtype) != np.dtype(ref.dtype):
+                raise DTypeMismatchError(p, np.dtype(ref.dtype), np.dtype(v.dtype))
+        leaves.append(v)
+    return treedef.unflatten(leaves)
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """``fn(path, leaf, *rest_leaves)`` for every leaf; ``rest`` trees must share ``tree``'s structure."""
+    pairs, treedef = flatten_with_paths(tree)
+    rest_leaves = []
+    for i, r in enumerate(rest):
+        rl, rdef = jax.tree_util.tree_flatten(r)
+        if rdef != treedef:
+            check_compatible(tree, r, shapes=False, dtypes=False, names=("tree", f"rest[{i}]"))
+        rest_leaves.append(rl)
+    out = [fn(p, x, *(rl[i] for rl in rest_leaves)) for i, (p, x) in enumerate(pairs)]
+    return treedef.unflatten(out)
+
+
+# ------------------------------------------------------------------------------------- selection
+
+def predicate(selector: Selector) -> Predicate:
+    """Turn a selector into ``pred(path, leaf) -> bool``.
+
+    A string (or compiled regex) matches with ``re.search`` on the path (anchor with ``^``/``$`` for
+    an exact match); a list of strings matches if any does; a callable is used as is; ``None``
+    matches everything. Only array leaves are ever selected by :func:`mask`.
+    """
+    if selector is None:
+        return lambda path, leaf: True
+    if isinstance(selector, (str, re.Pattern)):
+        rx = re.compile(selector)
+        return lambda path, leaf: rx.search(path) is not None
+    if callable(selector):
+        return selector
+    if isinstance(selector, (list, tuple)) and all(isinstance(s, (str, re.Pattern)) for s in selector):
+        rxs = [re.compile(s) for s in selector]
+        return lambda path, leaf: any(r.search(path) for r in rxs)
+    raise TypeError(f"selector must be a regex string, a list of them, a predicate or None; got {selector!r}")
+
+
+def mask(tree: PyTree, selector: Selector) -> PyTree:
+    """Pytree of Python bools: True where the leaf is an array and the selector matches its path."""
+    pred = predicate(selector)
+    return map_with_path(lambda p, x: bool(is_array(x) and pred(p, x)), tree)
+
+
+# ---------------------------------------------------------------------------- stacks of models
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack N models with identical structure into one pytree whose leaves have a leading axis N.
+
+    This is the input format of every merge (``vmap`` over models, per-model coefficients). All
+    models are checked against the first (structure, shapes, dtypes) before anything is stacked.
+    """
+    trees = list(trees)
+    if not trees:
+        raise ValueError("stack() needs at least one model")
+    for i, t in enumerate(trees[1:], start=1):
+        check_compatible(trees[0], t, names=("model[0]", f"model[{i}]"))
+    return jax.tree.map(lambda *xs: jnp.stack(xs) if is_array(xs[0]) else xs[0], *trees)
+
+
+def num_models(stacked: PyTree) -> int:
+    """Size of the leading (model) axis of a stacked pytree; all array leaves must agree."""
+    sizes = {p: np.shape(x)[0] for p, x in flatten_with_paths(stacked)[0] if is_array(x) and np.ndim(x)}
+    if not sizes:
+        raise ValueError("stacked pytree has no array leaves with a leading axis")
+    n = next(iter(sizes.values()))
+    for p, s in sizes.items():
+        if s != n:
+            raise ShapeMismatchError(p, (n, "..."), (s, "..."))
+    return int(n)
+
+
+def unstack(stacked: PyTree, n: int | None = None) -> list[PyTree]:
+    """Inverse of :func:`stack`: a list of N pytrees."""
+    n = num_models(stacked) if n is None else n
+    return [jax.tree.map(lambda x, i=i: x[i] if is_array(x) else x, stacked) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ randomness
+
+def _path_hash(path: str, salt: str = "") -> int:
+    return zlib.crc32(f"{salt}\x00{path}".encode()) & 0x7FFFFFFF
+
+
+def leaf_key(key: jax.Array, path: str, salt: str = "") -> jax.Array:
+    """Key for one leaf: ``fold_in(key, crc32(salt, path))``.
+
+    Depends only on the base key, the path and the salt: never on leaf order, which other leaves
+    exist, or device count. Use distinct ``salt`` values for independent random steps.
+    """
+    return jax.random.fold_in(key, _path_hash(path, salt))
+
+
+def leaf_keys(key: jax.Array, tree: PyTree, salt: str = "") -> PyTree:
+    """A pytree of per-leaf keys (see :func:`leaf_key`) with ``tree``'s structure."""
+    return map_with_path(lambda p, _: leaf_key(key, p, salt), tree)
+
+
+# ----------------------------------------------------------------------------- structure checks
+
+def is_array(x: Any) -> bool:
+    """True for jax arrays (and tracers), numpy arrays and ``jax.ShapeDtypeStruct``."""
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, np.generic))
+
+
+def _leaf_desc(x) -> str:
+    if is_array(x):
+        return f"array{tuple(np.shape(x))} {np.dtype(x.dtype)}"
+    return type(x).__name__
+
+
+def check_compatible(a: PyTree, b: PyTree, *more: PyTree, shapes: bool = True, dtypes: bool = True,
+                     names: Sequence[str] | None = None) -> None:
+    """Raise a typed error naming the first path where the trees differ; return None if they agree.
+
+    Checks, in order: the set of paths (missing/extra leaf), container kinds, array-vs-other
+    leaves, then (optionally) shapes and dtypes. ``expected`` always refers to the first tree.
+    """
+    trees = (a, b) + more
+    names = list(names) if names else ["tree[0]"] + [f"tree[{i}]" for i in range(1, len(trees))]
+    ref_pairs, ref_def = flatten_with_paths(a)
+    ref_paths = [p for p, _ in ref_pairs]
+    for t, name in zip(trees[1:], names[1:]):
+        pairs, tdef = flatten_with_paths(t)
+        got = [p for p, _ in pairs]
+        if got != ref_paths:
+            gs, rs = set(got), set(ref_paths)
+            for p in ref_paths:
+                if p not in gs:
+                    raise StructureMismatchError(p, f"a leaf in {names[0]}", f"missing from {name}")
+            for p in got:
+                if p not in rs:
+                    raise StructureMismatchError(p, f"no leaf (absent from {names[0]})", f"an extra leaf in {name}")
+            raise StructureMismatchError("", f"leaf order of {names[0]}", f"another order in {name}")
+        if tdef != ref_def:
+            raise StructureMismatchError("", f"{names[0]} containers {ref_def}", f"{name} containers {tdef}")
+        for (p, x), (_, y) in zip(ref_pairs, pairs):
+            if is_array(x) != is_array(y):
+                raise StructureMismatchError(p, _leaf_desc(x), f"{_leaf_desc(y)} in {name}")
+            if not is_array(x):
+                continue
+            if shapes and tuple(np.shape(x)) != tuple(np.shape(y)):
+                raise ShapeMismatchError(p, np.shape(x), np.shape(y))
+            if dtypes and np.dtype(x.dtype) != np.dtype(y.dtype):
+                raise DTypeMismatchError(p, np.dtype(x.dtype), np.dtype(y.dtype))
+
+
+# ------------------------------------------------------------------------------------ accounting
+
+def true_nbytes(x) -> int:
+    """Bytes a leaf really occupies: sub-byte dtypes (int4, uint2, float4...) count their bits.
+
+    ``jax.Array.nbytes`` counts one byte per int4 element; this does not.
+    """
+    if not is_array(x):
+        return 0
+    dt = np.dtype(x.dtype)
+    bits = dt.itemsize * 8
+    try:
+        import ml_dtypes
+
+        if dt.kind in "iu":
+            bits = ml_dtypes.iinfo(dt).bits
+        elif dt.kind == "V" or "float" in dt.name:
+            bits = ml_dtypes.finfo(dt).bits
+    except (ImportError, ValueError, TypeError):
+        pass
+    return (int(np.prod(np.shape(x), dtype=np.int64)) * bits + 7) // 8
+
+
+def tree_nbytes(tree: PyTree) -> int:
+    """Sum of :func:`true_nbytes` over all leaves."""
+    return sum(true_nbytes(x) for x in jax.tree.leaves(tree))
+
+
+def param_count(tree: PyTree) -> int:
+    """Number of scalar elements over all array leaves."""
+    return sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree) if is_array(x))
+
+
+def describe(tree: PyTree) -> list[tuple[str, tuple, str, int]]:
+    """``[(path, shape, dtype, true_bytes)]`` for every array leaf."""
+    return [(p, tuple(np.shape(x)), str(np.dtype(x.dtype)), true_nbytes(x))
+            for p, x in flatten_with_paths(tree)[0] if is_array(x)]
