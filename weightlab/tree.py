@@ -311,15 +311,15 @@ def true_nbytes(x) -> int:
         return 0
     dt = np.dtype(x.dtype)
     bits = dt.itemsize * 8
-    try:
+    if dt.kind == "V" or dt.kind in "iu":  # ml_dtypes sub-byte ints/floats report itemsize 1
         import ml_dtypes
 
-        if dt.kind in "iu":
-            bits = ml_dtypes.iinfo(dt).bits
-        elif dt.kind == "V" or "float" in dt.name:
-            bits = ml_dtypes.finfo(dt).bits
-    except (ImportError, ValueError, TypeError):
-        pass
+        for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
+            try:
+                bits = info(dt).bits
+                break
+            except (ValueError, TypeError):
+                continue
     return (int(np.prod(np.shape(x), dtype=np.int64)) * bits + 7) // 8
 
 
