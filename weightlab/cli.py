@@ -1,0 +1,130 @@
+"""The ``weightlab`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import WeightlabError
+
+DESCRIPTION = """\
+weightlab: quantize, merge, align and learn to optimize neural-network weights (JAX).
+
+commands:
+  info PATH      what is in a checkpoint: tensors, shapes, dtypes, true bytes, parameter count
+  demo           the main job: train two MNIST-1D models and show each pillar on them
+
+examples:
+  weightlab info model.safetensors          # one file
+  weightlab info ./my-hf-model/             # HF directory (sharded index or one file)
+  weightlab info model.safetensors --json   # machine-readable
+  weightlab demo --out demo_out             # a few minutes on 2 CPU cores
+  weightlab demo --quick                    # shorter training, for a smoke test
+
+Run `weightlab COMMAND --help` for a command's options.
+"""
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def cmd_info(args) -> int:
+    from .io import open_checkpoint
+    from .tree import true_nbytes
+
+    import jax
+    import numpy as np
+
+    path = Path(args.path)
+    with open_checkpoint(path) as c:
+        rows = []
+        for name in c.keys():
+            shape, dtype = c.shape(name), c.dtype(name)
+            rows.append((name, shape, str(dtype), true_nbytes(jax.ShapeDtypeStruct(shape, dtype))))
+        meta = dict(c.metadata)
+        files = sorted({c.shard_of(n) for n in c.keys()})
+    total_params = sum(int(np.prod(s)) for _, s, _, _ in rows)
+    total_bytes = sum(b for *_, b in rows)
+    by_dtype: dict[str, list[int]] = {}
+    for _, s, d, b in rows:
+        e = by_dtype.setdefault(d, [0, 0, 0])
+        e[0] += 1
+        e[1] += int(np.prod(s))
+        e[2] += b
+    if args.json:
+        print(json.dumps({"path": str(path), "files": files, "tensors": len(rows), "params": total_params,
+                          "bytes": total_bytes, "metadata": meta,
+                          "by_dtype": {d: {"tensors": t, "params": p, "bytes": b} for d, (t, p, b) in by_dtype.items()},
+                          "entries": [{"name": n, "shape": list(s), "dtype": d, "bytes": b} for n, s, d, b in rows]},
+                         indent=2))
+        return 0
+    shown = rows if args.limit is None or args.limit <= 0 else rows[: args.limit]
+    w = max([len(n) for n, *_ in shown] + [6])
+    print(f"{path}  ({len(files)} file{'s' if len(files) != 1 else ''})")
+    print(f"{'tensor'.ljust(w)}  {'shape':<18} {'dtype':<14} {'bytes':>12}")
+    for n, s, d, b in shown:
+        print(f"{n.ljust(w)}  {str(tuple(s)):<18} {d:<14} {_fmt_bytes(b):>12}")
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} more (use --limit 0 to show all)")
+    print(f"\n{len(rows)} tensors, {total_params:,} parameters, {_fmt_bytes(total_bytes)} (true bytes)")
+    for d, (t, p, b) in sorted(by_dtype.items()):
+        print(f"  {d:<14} {t:>5} tensors {p:>14,} params {_fmt_bytes(b):>12}")
+    if meta:
+        print("metadata:")
+        for k, v in meta.items():
+            print(f"  {k}: {v if len(v) < 200 else v[:200] + '...'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weightlab", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"weightlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    i = sub.add_parser("info", help="list tensors, shapes, dtypes and true sizes of a checkpoint",
+                       description="Show what a safetensors file or Hugging Face checkpoint directory holds. "
+                                   "Only the header is read: nothing is loaded into memory.")
+    i.add_argument("path", help="a .safetensors file, or a directory with model.safetensors[.index.json]")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--limit", type=int, default=50, help="rows to show (0 = all; default 50)")
+    i.set_defaults(fn=cmd_info)
+    d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
+                       description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "
+                                   "what weightlab does to them; writes PNG plots and summary.json.")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    d.add_argument("--quick", action="store_true", help="shorter training (smoke test)")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except (WeightlabError, FileNotFoundError, KeyError) as e:
+        print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
