@@ -245,3 +245,19 @@ def test_orbax_roundtrip_sharded(tmp_path):
     assert float(jnp.abs(wio.load_orbax(tmp_path / "ck")["enc"]["kernel"]).sum()) == 0
     with pytest.raises(CheckpointNotFoundError):
         wio.load_orbax(tmp_path / "missing")
+
+
+from hypothesis import given, settings, strategies as hst
+
+
+@settings(max_examples=30, deadline=None)
+@given(hst.lists(hst.tuples(hst.sampled_from(DTYPES), hst.lists(hst.integers(0, 5), max_size=3)), min_size=1, max_size=5),
+       hst.integers(0, 2**31 - 1))
+def test_roundtrip_property(tmp_path_factory, spec, seed):
+    tree = {f"t{i}": rand(tuple(shape), dt, seed + i) for i, (dt, shape) in enumerate(spec)}
+    f = wio.save(tmp_path_factory.mktemp("rt") / "m.safetensors", tree)
+    back = wio.load(f, as_jax=False)
+    assert set(back) == set(tree)
+    for k, v in tree.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k].reshape(-1).view(np.uint8), v.reshape(-1).view(np.uint8))
