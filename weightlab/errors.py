@@ -68,3 +68,11 @@ class OutputExistsError(WeightlabError, FileExistsError):
 
 class DependencyMissingError(WeightlabError, ImportError):
     """An optional package (e.g. the real MiniLM weights) is not installed."""
+
+
+class QuantizationError(WeightlabError, ValueError):
+    """A leaf cannot be quantized as asked (bad bits/format, group size, non-float, NaN/Inf, ...)."""
+
+
+class AlreadyQuantizedError(QuantizationError):
+    """A quantizer was applied to a leaf that is already a QArray."""

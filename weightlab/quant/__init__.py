@@ -1,0 +1,129 @@
+"""weightlab.quant: quantized arrays, formats and data-free quantizers as weight transforms.
+
+>>> q = quant.quantize(params, method="rtn", fmt="int", bits=4, group_size=128)   # kernels -> QArray
+>>> t = wl.select(r"attn/.*/kernel$", quant.quantizer("hqq", bits=3, group_size=64))
+>>> dense = quant.dequantize(q)
+
+Methods: ``rtn`` (every format in :mod:`.formats`), ``hqq`` (Badri & Shaji 2023), ``any4``
+(Elhoushi et al. 2025). All leaves are validated (format, group size, dtype, NaN/Inf, already
+quantized) before any is quantized; errors name the leaf path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from .. import io as wio
+from .. import tree as wtree
+from ..core import WeightTransform, apply_once, select
+from ..errors import AlreadyQuantizedError, QuantizationError
+from .formats import FORMATS, Format, get_format
+from .hqq import quantize_hqq
+from .lut import quantize_any4
+from .qarray import QArray, is_qarray
+from .rtn import quantize_rtn
+
+__all__ = ["QArray", "Format", "FORMATS", "get_format", "quantize_rtn", "quantize_hqq", "quantize_any4", "METHODS",
+           "quantize_array", "quantizer", "quantize", "dequantize", "save", "load", "is_qarray", "METADATA_KEY"]
+
+METHODS: dict[str, Callable[..., QArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq, "any4": quantize_any4}
+METADATA_KEY = "weightlab.qarrays"
+
+
+def _method(method: str, kwargs: dict) -> Callable[..., QArray]:
+    if method not in METHODS:
+        raise QuantizationError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    fn = METHODS[method]
+    params = inspect.signature(fn).parameters
+    bad = [k for k in kwargs if k not in params or k in ("w", "path")]
+    if bad:
+        raise TypeError(f"{method} does not take {bad}; it takes {[p for p in params if p not in ('w', 'path')]}")
+    return fn
+
+
+def quantize_array(w, method: str = "rtn", *, path: str = "", **kwargs) -> QArray:
+    """Quantize one array with ``method`` (``rtn``/``hqq``/``any4``) and its keyword arguments."""
+    return _method(method, kwargs)(w, path=path, **kwargs)
+
+
+def _check_all(params, fn, kwargs):
+    """Validate every leaf before quantizing any (typed errors naming the path)."""
+    from .rtn import validate_leaf
+
+    sig = inspect.signature(fn).parameters
+    kw = {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty}
+    kw.update(kwargs)
+    if fn is quantize_rtn:
+        f = str(kw["fmt"]).lower() if not isinstance(kw["fmt"], Format) else None
+        fmt = get_format(kw["fmt"], kw["bits"] if f in ("int", "uint") else None, kw.get("symmetric"))
+    elif fn is quantize_any4:
+        fmt = get_format("any4")
+    else:
+        fmt = get_format("int", kw["bits"], symmetric=False)
+    pairs, _ = wtree.flatten_with_paths(params, is_leaf=is_qarray)
+    for p, x in pairs:
+        if is_qarray(x):
+            raise AlreadyQuantizedError(f"'{p}' is already quantized ({x.fmt.name}); dequantize it first")
+        if wtree.is_array(x):
+            if p.endswith("/codes") and x.dtype in (jnp.uint8, jnp.uint32):
+                raise AlreadyQuantizedError(f"'{p[:-6]}' looks already quantized (its codes were selected)")
+            validate_leaf(p, x, fmt, kw["group_size"], kw["axis"])
+
+
+def quantizer(method: str = "rtn", **kwargs) -> WeightTransform:
+    """A transform replacing every array leaf it sees by a :class:`QArray` (wrap it in
+    :func:`weightlab.select` to choose leaves). Keyword arguments go to the method
+    (``fmt``, ``bits``, ``group_size``, ``axis``, ``scale_dtype``, ``iters`` ...)."""
+    fn = _method(method, kwargs)
+
+    def init(params):
+        del params
+        return ()
+
+    def apply(params, state, **extras):
+        _check_all(params, fn, kwargs)
+        out = wtree.map_with_path(lambda p, x: fn(x, path=p, **kwargs) if wtree.is_array(x) else x, params)
+        return out, state
+
+    return WeightTransform(init, apply)
+
+
+def quantize(params, method: str = "rtn", *, select_re: str | None = r"kernel$", min_ndim: int = 2, **kwargs):
+    """Quantize the float leaves with ``ndim >= min_ndim`` whose path matches ``select_re``
+    (default: every ``.../kernel``). Other leaves are returned untouched."""
+    rx = re.compile(select_re) if select_re else None
+    pred = lambda p, x: x.ndim >= min_ndim and (rx is None or rx.search(p) is not None)
+    return apply_once(select(pred, quantizer(method, **kwargs)), params)
+
+
+def dequantize(tree, dtype=None):
+    """Replace every :class:`QArray` in ``tree`` by its float array."""
+    return jax.tree.map(lambda x: x.dequantize(dtype) if is_qarray(x) else x, tree, is_leaf=is_qarray)
+
+
+def save(path, tree, *, metadata: dict | None = None, overwrite: bool = False):
+    """Save a tree with QArrays to safetensors; the QArray layouts go in the header metadata, so
+    :func:`load` rebuilds them without a template."""
+    specs = {p: x.spec() for p, x in wtree.flatten_with_paths(tree, is_leaf=is_qarray)[0] if is_qarray(x)}
+    meta = dict(metadata or {})
+    meta[METADATA_KEY] = json.dumps(specs, sort_keys=True)
+    return wio.save(path, tree, metadata=meta, overwrite=overwrite)
+
+
+def load(path, like: Any = None):
+    """Load a checkpoint written by :func:`save` (or any safetensors file) with its QArrays."""
+    if like is not None:
+        return wio.load(path, like=like)
+    with wio.open_checkpoint(path) as c:
+        specs = json.loads(c.metadata.get(METADATA_KEY, "{}"))
+        flat = {k: jnp.asarray(c[k]) for k in c.keys()}
+    for p, spec in specs.items():
+        children = {n: flat.pop(f"{p}/{n}") for n in spec["children"]}
+        flat[p] = QArray.from_spec(spec, children)
+    return wtree.from_flat_dict(flat)

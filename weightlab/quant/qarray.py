@@ -1,0 +1,156 @@
+"""``QArray``: a quantized weight as a pytree node.
+
+Children (arrays, so they jit, shard, vmap and save like any leaf; ``None`` when unused):
+``codes`` (packed b-bit codes, uint8 or uint32 for 3/5/6/7 bits), ``scale`` (per group, in the
+grouped layout ``shape[:a] + (n_groups, 1) + shape[a+1:]``), ``zero`` (asymmetric formats),
+``lut`` (learned per-row tables, any4) and ``tensor_scale`` (NVFP4's FP32 second-level scale).
+Static metadata: original shape and dtype, format, group size and group axis ``a``.
+
+Paths of the children are ``<leaf path>/codes``, ``<leaf path>/scale`` ... so selection and
+checkpoints work unchanged; ``weightlab.tree.true_nbytes`` of the children is the true size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from .. import tree as wtree
+from .formats import Format
+from .packing import unpack
+
+__all__ = ["QArray", "is_qarray", "grouped_shape", "scale_values"]
+
+_CHILDREN = ("codes", "scale", "zero", "lut", "tensor_scale")
+
+
+def grouped_shape(shape: tuple[int, ...], axis: int, group: int) -> tuple[int, ...]:
+    """``shape`` with axis ``axis`` split into (n_groups, group)."""
+    return shape[:axis] + (shape[axis] // group, group) + shape[axis + 1:]
+
+
+def scale_values(fmt: Format, scale, tensor_scale=None):
+    """Decode a stored scale to float32 (E8M0 exponents, FP8 scales times the tensor scale)."""
+    if fmt.scale_kind == "e8m0":
+        return jnp.exp2(scale.astype(jnp.float32) - 127.0)
+    s = scale.astype(jnp.float32)
+    return s * tensor_scale.astype(jnp.float32) if tensor_scale is not None else s
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QArray:
+    """A quantized array. ``dequantize()`` returns the float array it stands for."""
+
+    def __init__(self, codes, scale, zero=None, lut=None, tensor_scale=None, *, shape, dtype, fmt: Format,
+                 group_size: int, axis: int):
+        self.codes, self.scale, self.zero, self.lut, self.tensor_scale = codes, scale, zero, lut, tensor_scale
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        self.fmt, self.group_size, self.axis = fmt, int(group_size), int(axis)
+
+    # --- pytree protocol
+    def tree_flatten_with_keys(self):
+        children = [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in _CHILDREN]
+        return children, (self.shape, self.dtype.name, self.fmt, self.group_size, self.axis)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        shape, dtype, fmt, group, axis = aux
+        obj = object.__new__(cls)
+        obj.codes, obj.scale, obj.zero, obj.lut, obj.tensor_scale = children
+        obj.shape, obj.dtype, obj.fmt, obj.group_size, obj.axis = shape, np.dtype(_dtype(dtype)), fmt, group, axis
+        return obj
+
+    # --- array-like facts
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """True bytes of the packed representation (codes + scales + zeros + tables)."""
+        return sum(wtree.true_nbytes(getattr(self, n)) for n in _CHILDREN if getattr(self, n) is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight including scales, zeros and tables (b_eff)."""
+        return 8 * self.nbytes / max(self.size, 1)
+
+    def dequantize(self, dtype=None):
+        """The float array this stands for (``dtype`` defaults to the original dtype). Works with
+        extra leading (batch) axes on the children, e.g. a stack of quantized models."""
+        extra = self.codes.ndim - self.ndim
+        if extra > 0:
+            return jax.vmap(lambda q: q.dequantize(dtype))(self)
+        return _dequantize(self).astype(dtype or self.dtype)
+
+    def __jax_array__(self):  # lets jnp functions accept a QArray (dequantizes)
+        return self.dequantize()
+
+    def spec(self) -> dict:
+        """JSON-able static description (stored in checkpoint metadata)."""
+        return {"shape": list(self.shape), "dtype": self.dtype.name, "format": self.fmt.to_json(),
+                "group_size": self.group_size, "axis": self.axis,
+                "children": [n for n in _CHILDREN if getattr(self, n) is not None]}
+
+    @classmethod
+    def from_spec(cls, spec: dict, children: dict[str, Any]) -> "QArray":
+        return cls(*(children.get(n) for n in _CHILDREN), shape=tuple(spec["shape"]), dtype=_dtype(spec["dtype"]),
+                   fmt=Format.from_json(spec["format"]), group_size=spec["group_size"], axis=spec["axis"])
+
+    def __repr__(self) -> str:
+        g = "tensor" if self.group_size == 0 else (
+            "channel" if self.group_size == self.shape[self.axis] else f"g{self.group_size}")
+        dense = int(np.prod(self.shape)) * self.dtype.itemsize
+        try:
+            size = f", {self.nbytes / 1024:.1f} KiB vs {dense / 1024:.1f} KiB ({self.bits_per_weight:.2f} bits/weight)"
+        except Exception:  # abstract children under tracing
+            size = ""
+        return f"QArray({self.fmt.name} {g} axis={self.axis}, shape={self.shape} {self.dtype.name}{size})"
+
+
+def _dtype(name):
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def is_qarray(x) -> bool:
+    return isinstance(x, QArray)
+
+
+def _code_values(q: QArray, codes):
+    """Codes -> unscaled values (float32), in the array's own layout."""
+    f = q.fmt
+    if f.kind == "int":
+        c = codes.astype(jnp.float32)
+        return c - 2 ** (f.bits - 1) if f.symmetric else c
+    if f.kind == "fp8":
+        return jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), getattr(jnp, f.fp8_dtype)).astype(jnp.float32)
+    if q.lut is not None:  # learned per-row table: lut has the array's shape with the group axis replaced by 2^b
+        table = jnp.moveaxis(q.lut.astype(jnp.float32), q.axis, -1)       # rows..., 2^b
+        idx = jnp.moveaxis(codes.astype(jnp.int32), q.axis, -1)           # rows..., n
+        return jnp.moveaxis(jnp.take_along_axis(table, idx, axis=-1), -1, q.axis)
+    return jnp.asarray(np.asarray(f.lut, np.float32))[codes.astype(jnp.int32)]
+
+
+def _dequantize(q: QArray):
+    codes = unpack(q.codes, q.fmt.bits, q.shape[q.axis], q.axis)
+    v = _code_values(q, codes)
+    s = scale_values(q.fmt, q.scale, q.tensor_scale)
+    if q.group_size == 0:  # per tensor
+        z = q.zero.astype(jnp.float32) if q.zero is not None else 0.0
+        return (v - z) * s
+    g = grouped_shape(q.shape, q.axis, q.group_size)
+    v = v.reshape(g)
+    if q.zero is not None:
+        v = v - q.zero.astype(jnp.float32)
+    return (v * s).reshape(q.shape)
