@@ -30,7 +30,7 @@ from .qarray import QArray, is_qarray
 from .rtn import quantize_rtn
 
 __all__ = ["QArray", "Format", "FORMATS", "get_format", "quantize_rtn", "quantize_hqq", "quantize_any4", "METHODS",
-           "quantize_array", "quantizer", "quantize", "dequantize", "save", "load", "is_qarray", "METADATA_KEY"]
+           "quantize_array", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
 
 METHODS: dict[str, Callable[..., QArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq, "any4": quantize_any4}
 METADATA_KEY = "weightlab.qarrays"
@@ -100,6 +100,29 @@ def quantize(params, method: str = "rtn", *, select_re: str | None = r"kernel$",
     rx = re.compile(select_re) if select_re else None
     pred = lambda p, x: x.ndim >= min_ndim and (rx is None or rx.search(p) is not None)
     return apply_once(select(pred, quantizer(method, **kwargs)), params)
+
+
+def dot(x, q, *, use_kernel: bool | None = None):
+    """``x @ W`` for a QArray ``W`` (contracting x's last axis with W's input axis).
+
+    On GPU/TPU, formats the fused Pallas kernel supports (4/8-bit int, NF4/FP4/any4 with float group
+    scales) go through :mod:`weightlab.kernels.dequant_matmul`; on CPU (or ``use_kernel=False``) the
+    weight is dequantized and multiplied with ``jnp.dot``. Plain arrays are multiplied directly.
+    Note: the kernel path repacks the QArray on every call; for serving, call
+    ``kernels.dequant_matmul.prepare`` once and reuse its result.
+    """
+    if not is_qarray(q):
+        return jnp.dot(x, q)
+    from ..kernels import dequant_matmul as dm
+
+    if use_kernel is None:
+        use_kernel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
+    if use_kernel and dm.supports(q):
+        lead = x.shape[:-1]
+        y = dm.dequant_matmul(x.reshape(-1, x.shape[-1]), dm.prepare(q))
+        return y.reshape(*lead, y.shape[-1])
+    w = q.dequantize(x.dtype)
+    return jnp.dot(x, w if q.axis == 0 else w.T)
 
 
 def dequantize(tree, dtype=None):
