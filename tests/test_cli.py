@@ -55,3 +55,30 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert all(m["test_acc"] > 0.4 for m in s["models"])
     assert (tmp_path / "d" / "training.png").stat().st_size > 1000
     assert (tmp_path / "d" / "interpolation.png").stat().st_size > 1000
+
+
+def test_quantize_cli_roundtrip(tmp_path, capsys):
+    from weightlab import quant
+    rng = np.random.default_rng(0)
+    src = {"model.layers.0.mlp.up.weight": rng.standard_normal((96, 128)).astype(np.float32),
+           "model.layers.0.norm.weight": np.ones(128, np.float32),
+           "model.embed_tokens.weight": rng.standard_normal((50, 128)).astype(np.float32)}
+    inp = io.save(tmp_path / "in.safetensors", src)
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(inp), str(out), "--method", "hqq", "--bits", "4", "--group-size", "64"]) == 0
+    back = quant.load(out)
+    q = back["model.layers.0.mlp.up.weight"]
+    assert quant.is_qarray(q) and q.axis == 1 and q.group_size == 64
+    direct = quant.quantize_hqq(src["model.layers.0.mlp.up.weight"], 4, 64, axis=-1)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(direct.dequantize()))
+    assert not quant.is_qarray(back["model.embed_tokens.weight"])  # excluded by default
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    assert "quantized: 1 QArrays (int4_asym g64)" in capsys.readouterr().out
+    assert cli.main(["quantize", str(inp), str(out)]) == 2  # exists: refused
+    assert "exists" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    assert cli.main(["quantize", str(inp), str(bad), "--group-size", "100"]) == 2
+    assert "does not divide" in capsys.readouterr().err and not bad.exists()
+    assert cli.main(["quantize", str(inp), str(bad), "--format", "nvfp4", "--dry-run"]) == 0
+    assert not bad.exists()

@@ -14,12 +14,15 @@ weightlab: quantize, merge, align and learn to optimize neural-network weights (
 
 commands:
   info PATH      what is in a checkpoint: tensors, shapes, dtypes, true bytes, parameter count
+  quantize IN OUT  quantize a checkpoint's linear weights (rtn/hqq/any4; int, nf4, fp8, mxfp4, nvfp4 ...)
   demo           the main job: train two MNIST-1D models and show each pillar on them
 
 examples:
   weightlab info model.safetensors          # one file
   weightlab info ./my-hf-model/             # HF directory (sharded index or one file)
   weightlab info model.safetensors --json   # machine-readable
+  weightlab quantize ./hf-dir q.safetensors --method hqq --bits 4 --group-size 64
+  weightlab info q.safetensors              # shows the quantized tensors' formats and true sizes
   weightlab demo --out demo_out             # a few minutes on 2 CPU cores
   weightlab demo --quick                    # shorter training, for a smoke test
 
@@ -76,6 +79,13 @@ def cmd_info(args) -> int:
     print(f"\n{len(rows)} tensors, {total_params:,} parameters, {_fmt_bytes(total_bytes)} (true bytes)")
     for d, (t, p, b) in sorted(by_dtype.items()):
         print(f"  {d:<14} {t:>5} tensors {p:>14,} params {_fmt_bytes(b):>12}")
+    qspecs = json.loads(meta.pop("weightlab.qarrays", "{}") or "{}")
+    if qspecs:
+        dense = sum(int(np.prod(v["shape"])) * np.dtype(v["dtype"]).itemsize for v in qspecs.values())
+        packed = sum(b for n, _, _, b in rows if any(n.startswith(p + "/") for p in qspecs))
+        fmts = sorted({f"{v['format']['name']} g{v['group_size']}" for v in qspecs.values()})
+        print(f"quantized: {len(qspecs)} QArrays ({', '.join(fmts)}): {_fmt_bytes(dense)} dense -> "
+              f"{_fmt_bytes(packed)} packed ({dense / max(packed, 1):.2f}x)")
     if meta:
         print("metadata:")
         for k, v in meta.items():
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--limit", type=int, default=50, help="rows to show (0 = all; default 50)")
     i.set_defaults(fn=cmd_info)
+    from .quant import cli as quant_cli
+
+    quant_cli.add_parser(sub)
     d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
                        description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "
                                    "what weightlab does to them; writes PNG plots and summary.json.")

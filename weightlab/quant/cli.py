@@ -1,0 +1,109 @@
+"""``weightlab quantize``: data-free quantization of a safetensors checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import QuantizationError
+
+DEFAULT_SELECT = r"(kernel|weight)$"
+DEFAULT_EXCLUDE = r"(embed|norm|LayerNorm|lm_head|pooler)"
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser(
+        "quantize", help="quantize a safetensors checkpoint (data-free methods)",
+        description="Quantize every 2-D float tensor whose name matches --select (and not --exclude) with a "
+                    "data-free method, and write a safetensors file whose header records each QArray's layout "
+                    "(`weightlab info` shows true sizes; weightlab.quant.load rebuilds the QArrays). "
+                    "Calibration-based methods (GPTQ, AWQ) run from Python: weightlab.quant.gptq(...).",
+        epilog="examples:\n  weightlab quantize model.safetensors q.safetensors --method rtn --bits 4 --group-size 128\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method hqq --bits 3 --group-size 64\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method rtn --format nf4 --group-size 64\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method any4 --dry-run",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    q.add_argument("input", help="a .safetensors file or a Hugging Face checkpoint directory")
+    q.add_argument("output", help="output .safetensors file (refused if it exists, unless --overwrite)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "hqq", "any4"])
+    q.add_argument("--format", default="int", help="rtn only: int, uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
+                                                   "fp8_e5m2, mxfp4, nvfp4 (default int)")
+    q.add_argument("--bits", type=int, default=4, help="bits for int formats and hqq (default 4)")
+    q.add_argument("--group-size", default="128", help="weights per scale along the input axis: a number, "
+                                                       "'channel' or 'tensor' (default 128)")
+    q.add_argument("--axis", type=int, default=None, help="input axis; default -1 for names ending in '.weight' "
+                                                          "(PyTorch (out, in)) and -2 otherwise")
+    q.add_argument("--select", default=DEFAULT_SELECT, help=f"regex of tensors to quantize (default {DEFAULT_SELECT!r})")
+    q.add_argument("--exclude", default=DEFAULT_EXCLUDE, help=f"regex of tensors to keep (default {DEFAULT_EXCLUDE!r})")
+    q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(fn=run)
+
+
+def _kwargs(args) -> dict:
+    g = args.group_size
+    group = None if g == "channel" else (0 if g == "tensor" else int(g))
+    if args.method == "rtn":
+        return dict(fmt=args.format, bits=args.bits, group_size=group if args.format not in ("mxfp4", "nvfp4") else "auto")
+    if args.method == "hqq":
+        return dict(bits=args.bits, group_size=group)
+    return dict(group_size=group)
+
+
+def run(args) -> int:
+    from .. import io as wio
+    from . import quantize_array, save
+    from .formats import get_format
+    from .rtn import resolve_layout
+
+    from ..io.atomic import refuse_existing
+
+    if not args.dry_run:
+        refuse_existing(args.output, args.overwrite)
+    kw = _kwargs(args)
+    sel, exc = re.compile(args.select), re.compile(args.exclude) if args.exclude else None
+    fmt = (get_format(kw["fmt"], kw["bits"] if kw["fmt"] in ("int", "uint") else None) if args.method == "rtn"
+           else get_format("any4") if args.method == "any4" else get_format("int", kw["bits"], symmetric=False))
+    t0 = time.time()
+    with wio.open_checkpoint(args.input) as c:
+        plan = []
+        for name in c.keys():
+            shape, dtype = c.shape(name), c.dtype(name)
+            chosen = (len(shape) == 2 and np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16") and \
+                len(shape) == 2 and sel.search(name) and not (exc and exc.search(name))
+            axis = args.axis if args.axis is not None else (-1 if name.endswith(".weight") else -2)
+            if chosen:  # validate every tensor's layout from the header before reading any data
+                resolve_layout(shape, fmt, kw.get("group_size", "auto"), axis, name)
+            plan.append((name, bool(chosen), axis))
+        n_q = sum(1 for _, ch, _ in plan if ch)
+        print(f"{args.input}: {len(plan)} tensors, {n_q} to quantize with {args.method} {json.dumps(kw)}")
+        if n_q == 0:
+            raise QuantizationError(f"no 2-D float tensor matches --select {args.select!r} minus --exclude")
+        if args.dry_run:
+            for name, ch, axis in plan:
+                if ch:
+                    print(f"  quantize {name} {tuple(c.shape(name))} axis={axis}")
+            return 0
+        out, dense_bytes, q_bytes = {}, 0, 0
+        from tqdm.auto import tqdm
+
+        for name, ch, axis in tqdm(plan, desc="quantize", disable=None, leave=False):
+            arr = c[name]
+            if ch:
+                q = quantize_array(jnp.asarray(arr), args.method, axis=axis, path=name, **kw)
+                out[name] = jax.device_get(q)
+                dense_bytes += arr.nbytes
+                q_bytes += q.nbytes
+            else:
+                out[name] = arr
+    save(args.output, out, metadata={"weightlab.recipe": {"method": args.method, **kw, "source": str(args.input)}},
+         overwrite=args.overwrite)
+    print(f"wrote {args.output}: quantized tensors {dense_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB "
+          f"({dense_bytes / max(q_bytes, 1):.2f}x smaller) in {time.time() - t0:.1f}s")
+    return 0
