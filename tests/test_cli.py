@@ -52,6 +52,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert "naive average" in r.stdout and "skipped" in r.stdout
     s = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert s["sections"]["models"] == "ran"
+    assert s["sections"]["quantization (weightlab.quant)"] == "ran"
+    accs = {r["name"]: r["test_acc"] for r in s["quantization"]}
+    assert accs["RTN int8 per-channel"] > accs["fp32"] - 0.02
     assert all(m["test_acc"] > 0.4 for m in s["models"])
     assert (tmp_path / "d" / "training.png").stat().st_size > 1000
     assert (tmp_path / "d" / "interpolation.png").stat().st_size > 1000
