@@ -4,9 +4,12 @@
 >>> t = wl.select(r"attn/.*/kernel$", quant.quantizer("hqq", bits=3, group_size=64))
 >>> dense = quant.dequantize(q)
 
-Methods: ``rtn`` (every format in :mod:`.formats`), ``hqq`` (Badri & Shaji 2023), ``any4``
-(Elhoushi et al. 2025). All leaves are validated (format, group size, dtype, NaN/Inf, already
-quantized) before any is quantized; errors name the leaf path.
+Data-free methods (per array, also as transforms): ``rtn`` (every format in :mod:`.formats`),
+``hqq`` (Badri & Shaji 2023), ``any4`` (Elhoushi et al. 2025). Calibration-based (model level, from
+any ``apply_fn`` via the traced :mod:`.calibrate` capture): :func:`gptq`, :func:`awq`; corrections:
+:mod:`.rotate` (random Hadamard of any size), :mod:`.lowrank` (LoRC, QERA); training: :mod:`.qat`
+(STE, LSQ). All leaves are validated (format, group size, dtype, NaN/Inf, already quantized) before
+any is quantized; errors name the leaf path.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ from .hqq import quantize_hqq
 from .lut import quantize_any4
 from .qarray import QArray, is_qarray
 from .rtn import quantize_rtn
+from .gptq import gptq, gptq_quantize
+from .awq import awq, awq_quantize
+from .calibrate import Stats, capture, matmul_weights
+from .rotate import random_hadamard, rotate_quantize
+from .lowrank import lorc, qera
+from . import qat
 
 __all__ = ["QArray", "Format", "FORMATS", "get_format", "quantize_rtn", "quantize_hqq", "quantize_any4", "METHODS",
-           "quantize_array", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
+           "gptq", "gptq_quantize", "awq", "awq_quantize", "Stats", "capture", "matmul_weights", "random_hadamard",
+           "rotate_quantize", "lorc", "qera", "qat", "quantize_array", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
 
 METHODS: dict[str, Callable[..., QArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq, "any4": quantize_any4}
 METADATA_KEY = "weightlab.qarrays"
@@ -119,7 +129,11 @@ def dot(x, q, *, use_kernel: bool | None = None):
         use_kernel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
     if use_kernel and dm.supports(q):
         lead = x.shape[:-1]
-        y = dm.dequant_matmul(x.reshape(-1, x.shape[-1]), dm.prepare(q))
+        x2 = x.reshape(-1, x.shape[-1])
+        xp = x2 if q.pre is None else (x2 * q.pre.astype(x.dtype) if q.pre.ndim == 1 else x2 @ q.pre.astype(x.dtype))
+        y = dm.dequant_matmul(xp, dm.prepare(q))
+        if q.lr_a is not None:
+            y = y + ((x2 @ q.lr_a.astype(x.dtype)) @ q.lr_b.astype(x.dtype)).astype(y.dtype)  # K-first frame
         return y.reshape(*lead, y.shape[-1])
     w = q.dequantize(x.dtype)
     return jnp.dot(x, w if q.axis == 0 else w.T)

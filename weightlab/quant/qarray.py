@@ -3,7 +3,11 @@
 Children (arrays, so they jit, shard, vmap and save like any leaf; ``None`` when unused):
 ``codes`` (packed b-bit codes, uint8 or uint32 for 3/5/6/7 bits), ``scale`` (per group, in the
 grouped layout ``shape[:a] + (n_groups, 1) + shape[a+1:]``), ``zero`` (asymmetric formats),
-``lut`` (learned per-row tables, any4) and ``tensor_scale`` (NVFP4's FP32 second-level scale).
+``lut`` (learned per-row tables, any4), ``tensor_scale`` (NVFP4's FP32 second-level scale),
+``pre`` (an input transform: a (K,) vector of per-input-channel factors, as AWQ's 1/s, or a (K, K)
+rotation, as QuaRot/QuIP's online Hadamard) and ``lr_a``/``lr_b`` (a low-rank correction, LoRC /
+QERA). With K the input axis, the effective weight is ``W = P · dequant(codes) + lr_a @ lr_b``
+where ``P = diag(pre)`` or ``pre``, so ``x @ W = (x ∘ pre) @ dequant + (x @ lr_a) @ lr_b``.
 Static metadata: original shape and dtype, format, group size and group axis ``a``.
 
 Paths of the children are ``<leaf path>/codes``, ``<leaf path>/scale`` ... so selection and
@@ -25,7 +29,7 @@ from .packing import unpack
 
 __all__ = ["QArray", "is_qarray", "grouped_shape", "scale_values"]
 
-_CHILDREN = ("codes", "scale", "zero", "lut", "tensor_scale")
+_CHILDREN = ("codes", "scale", "zero", "lut", "tensor_scale", "pre", "lr_a", "lr_b")
 
 
 def grouped_shape(shape: tuple[int, ...], axis: int, group: int) -> tuple[int, ...]:
@@ -45,9 +49,10 @@ def scale_values(fmt: Format, scale, tensor_scale=None):
 class QArray:
     """A quantized array. ``dequantize()`` returns the float array it stands for."""
 
-    def __init__(self, codes, scale, zero=None, lut=None, tensor_scale=None, *, shape, dtype, fmt: Format,
-                 group_size: int, axis: int):
+    def __init__(self, codes, scale, zero=None, lut=None, tensor_scale=None, pre=None, lr_a=None, lr_b=None, *,
+                 shape, dtype, fmt: Format, group_size: int, axis: int):
         self.codes, self.scale, self.zero, self.lut, self.tensor_scale = codes, scale, zero, lut, tensor_scale
+        self.pre, self.lr_a, self.lr_b = pre, lr_a, lr_b
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         self.fmt, self.group_size, self.axis = fmt, int(group_size), int(axis)
 
@@ -60,7 +65,7 @@ class QArray:
     def tree_unflatten(cls, aux, children):
         shape, dtype, fmt, group, axis = aux
         obj = object.__new__(cls)
-        obj.codes, obj.scale, obj.zero, obj.lut, obj.tensor_scale = children
+        obj.codes, obj.scale, obj.zero, obj.lut, obj.tensor_scale, obj.pre, obj.lr_a, obj.lr_b = children
         obj.shape, obj.dtype, obj.fmt, obj.group_size, obj.axis = shape, np.dtype(_dtype(dtype)), fmt, group, axis
         return obj
 
@@ -89,7 +94,14 @@ class QArray:
         extra = self.codes.ndim - self.ndim
         if extra > 0:
             return jax.vmap(lambda q: q.dequantize(dtype))(self)
-        return _dequantize(self).astype(dtype or self.dtype)
+        return _effective(self, _dequantize(self)).astype(dtype or self.dtype)
+
+    def replace(self, **children) -> "QArray":
+        """A copy with some children replaced (e.g. ``pre=``, ``lr_a=``, ``lr_b=``)."""
+        vals = {n: getattr(self, n) for n in _CHILDREN}
+        vals.update(children)
+        return QArray(*(vals[n] for n in _CHILDREN), shape=self.shape, dtype=self.dtype, fmt=self.fmt,
+                      group_size=self.group_size, axis=self.axis)
 
     def __jax_array__(self):  # lets jnp functions accept a QArray (dequantizes)
         return self.dequantize()
@@ -140,6 +152,19 @@ def _code_values(q: QArray, codes):
         idx = jnp.moveaxis(codes.astype(jnp.int32), q.axis, -1)           # rows..., n
         return jnp.moveaxis(jnp.take_along_axis(table, idx, axis=-1), -1, q.axis)
     return jnp.asarray(np.asarray(f.lut, np.float32))[codes.astype(jnp.int32)]
+
+
+def _effective(q: QArray, base):
+    """Apply the input transform and low-rank correction (see the module docstring)."""
+    if q.pre is None and q.lr_a is None:
+        return base
+    w = jnp.moveaxis(base, q.axis, 0)  # (K, ...)
+    if q.pre is not None:
+        p = q.pre.astype(jnp.float32)
+        w = p.reshape((-1,) + (1,) * (w.ndim - 1)) * w if p.ndim == 1 else jnp.tensordot(p, w, axes=1)
+    if q.lr_a is not None:
+        w = w + (q.lr_a.astype(jnp.float32) @ q.lr_b.astype(jnp.float32)).reshape(w.shape)
+    return jnp.moveaxis(w, 0, q.axis)
 
 
 def _dequantize(q: QArray):

@@ -1,0 +1,77 @@
+"""Incoherence processing: random orthogonal / randomized Hadamard rotations of any size.
+
+QuIP (Chee et al., 2023), QuIP# (Tseng et al., 2024) and QuaRot (Ashkboos et al., 2024) multiply
+weights by random orthogonal matrices so that outliers are spread over all coordinates before
+rounding; since ``x W = (x R)(Rᵀ W)`` for orthogonal R, the function is unchanged once the inverse
+is folded into the neighbour (or applied online to the activations).
+
+``random_hadamard(n, key)``: for n = 2^a · m, the Kronecker product of a random m x m orthogonal
+matrix (QR of a Gaussian) with the normalised 2^a Walsh-Hadamard matrix, times random signs — so
+any dimension works (384 = 3 · 128, 1536 = 3 · 512), and for powers of two it is the usual
+randomized Hadamard transform.
+
+Two ways to use it:
+* :func:`rotate_quantize` keeps R as the QArray's ``pre`` input transform (QuaRot's "online"
+  rotation): ``x @ W_eff = (x R) @ dequant(Q(Rᵀ W))``. Works for any model, no graph needed.
+* :func:`fold_rotation` rewrites a producer/consumer pair exactly (``W_prev ← W_prev R``,
+  ``b_prev ← b_prev R``, ``W_next ← Rᵀ W_next``) when nothing nonlinear sits between them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import QuantizationError, ShapeMismatchError
+from .qarray import QArray
+
+__all__ = ["walsh_hadamard", "random_hadamard", "rotate_quantize", "fold_rotation"]
+
+
+def walsh_hadamard(n: int) -> np.ndarray:
+    """Normalised Sylvester-Hadamard matrix of size n (a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise QuantizationError(f"walsh_hadamard needs a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def random_hadamard(n: int, key: jax.Array) -> jax.Array:
+    """Random orthogonal n x n matrix with Hadamard structure on the largest power-of-two factor."""
+    a = n & (-n)  # largest power of two dividing n
+    m = n // a
+    k1, k2 = jax.random.split(key)
+    h = jnp.asarray(walsh_hadamard(a), jnp.float32)
+    if m > 1:
+        q, r = jnp.linalg.qr(jax.random.normal(k1, (m, m)))
+        q = q * jnp.sign(jnp.diagonal(r))[None, :]
+        h = jnp.kron(q, h)
+    signs = jnp.where(jax.random.bernoulli(k2, 0.5, (n,)), 1.0, -1.0)
+    return h * signs[None, :]
+
+
+def rotate_quantize(w, key: jax.Array, quantize_fn, *, axis: int = -2, path: str = "", **kwargs) -> QArray:
+    """Quantize ``Rᵀ W`` (R random Hadamard over the input axis) with ``quantize_fn`` (e.g.
+    ``quantize_rtn``, ``gptq_quantize`` with its Hessian rotated as ``Rᵀ H R``) and keep R as the
+    QArray's online input rotation."""
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise QuantizationError(f"'{path}': rotation needs a 2-D weight, found {w.shape}")
+    ax = axis % 2
+    k = w.shape[ax]
+    r = random_hadamard(k, key)
+    wr = r.T @ w if ax == 0 else w @ r
+    q = quantize_fn(wr.astype(w.dtype), axis=axis, path=path, **kwargs)
+    return q.replace(pre=r.astype(jnp.float32))
+
+
+def fold_rotation(w_prev, b_prev, w_next, r):
+    """Exact rewrite of ``(x W_prev + b_prev) W_next`` with R folded in: returns
+    ``(W_prev R, b_prev R, Rᵀ W_next)``; layouts are (in, out)."""
+    k = r.shape[0]
+    if w_prev.shape[-1] != k or w_next.shape[0] != k:
+        raise ShapeMismatchError("rotation", (k,), (w_prev.shape[-1], w_next.shape[0]))
+    return w_prev @ r, (None if b_prev is None else b_prev @ r), r.T @ w_next
