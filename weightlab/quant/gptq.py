@@ -166,12 +166,14 @@ def gptq_quantize(w, hessian, *, fmt="uint", bits: int | None = 4, group_size=12
 
 
 def gptq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str | None = r"kernel$",
-         sequential: bool = True, row_mask: Callable | None = None, **kwargs):
+         sequential: bool = True, row_mask: Callable | None = None, rotate: jax.Array | None = None, **kwargs):
     """GPTQ every matmul weight of ``apply_fn`` whose path matches ``select_re``.
 
     Calibration statistics come from :mod:`.calibrate` (traced, any JAX function). With
     ``sequential`` (the paper's default) each weight's Hessian is measured with all earlier weights
-    already quantized, in execution order. Keyword arguments go to :func:`gptq_quantize`.
+    already quantized, in execution order. Keyword arguments go to :func:`gptq_quantize`. With a
+    ``rotate`` key every weight is first rotated by a random Hadamard matrix over its inputs (QuIP /
+    QuaRot incoherence, kept as the QArray's online input rotation; key folded per path).
     A selected weight that the calibration batches never reach raises before anything is quantized.
     """
     from .calibrate import Capturer, matmul_weights
@@ -204,7 +206,13 @@ def gptq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str |
         st = stats[p]
         kw = dict(kwargs)
         kw.setdefault("axis", -2 if st.axis == 0 else -1)
-        q = gptq_quantize(flat[p], st.hessian, path=p, **kw)
+        if rotate is not None:
+            from .rotate import rotate_quantize
+
+            q = rotate_quantize(flat[p], wtree.leaf_key(rotate, p, "rotate"), gptq_quantize, hessian=st.hessian,
+                                path=p, **kw)
+        else:
+            q = gptq_quantize(flat[p], st.hessian, path=p, **kw)
         out[p] = q
         current[p] = q.dequantize()
     return _unflatten_with_qarrays(out, params)

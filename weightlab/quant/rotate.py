@@ -55,8 +55,8 @@ def random_hadamard(n: int, key: jax.Array) -> jax.Array:
 
 def rotate_quantize(w, key: jax.Array, quantize_fn, *, axis: int = -2, path: str = "", **kwargs) -> QArray:
     """Quantize ``Rᵀ W`` (R random Hadamard over the input axis) with ``quantize_fn`` (e.g.
-    ``quantize_rtn``, ``gptq_quantize`` with its Hessian rotated as ``Rᵀ H R``) and keep R as the
-    QArray's online input rotation."""
+    ``quantize_rtn`` or ``gptq_quantize``; a ``hessian=`` keyword is rotated to ``Rᵀ H R``, the
+    Hessian of the rotated inputs ``x R``) and keep R as the QArray's online input rotation."""
     w = jnp.asarray(w)
     if w.ndim != 2:
         raise QuantizationError(f"'{path}': rotation needs a 2-D weight, found {w.shape}")
@@ -64,6 +64,8 @@ def rotate_quantize(w, key: jax.Array, quantize_fn, *, axis: int = -2, path: str
     k = w.shape[ax]
     r = random_hadamard(k, key)
     wr = r.T @ w if ax == 0 else w @ r
+    if kwargs.get("hessian") is not None:
+        kwargs["hessian"] = r.T @ jnp.asarray(kwargs["hessian"], jnp.float32) @ r
     q = quantize_fn(wr.astype(w.dtype), axis=axis, path=path, **kwargs)
     return q.replace(pre=r.astype(jnp.float32))
 
