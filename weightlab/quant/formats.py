@@ -51,8 +51,8 @@ class Format:
     @property
     def qmax(self) -> float:
         """Largest code magnitude after centring (int) or largest table/format value."""
-        if self.kind == "int":
-            return float(2 ** (self.bits - 1) - 1) if self.symmetric else float(2 ** self.bits - 1)
+        if self.kind == "int":  # symmetric: half a step past the top code, so all 2^b codes are used
+            return float(2 ** (self.bits - 1)) - 0.5 if self.symmetric else float(2 ** self.bits - 1)
         if self.kind == "lut":
             return float(np.max(np.abs(self.lut))) if self.lut is not None else 1.0
         return float(ml_dtypes.finfo(np.dtype(getattr(ml_dtypes, self.fp8_dtype))).max)

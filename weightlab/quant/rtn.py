@@ -6,7 +6,8 @@ format's block size or 128; ``None`` = one group per channel, i.e. the whole axi
 for the tensor). ``axis`` defaults to -2, the input axis of a (in, out) kernel; use -1 for
 PyTorch/Hugging Face (out, in) weights:
 
-* int, symmetric: ``s = max|w| / (2^(b-1) - 1)``, ``c = clip(round(w/s), -2^(b-1), 2^(b-1)-1)``;
+* int, symmetric: ``s = max|w| / (2^(b-1) - 1/2)``, ``c = clip(round(w/s), -2^(b-1), 2^(b-1)-1)``
+  (all 2^b codes are used, as in GPTQ's symmetric mode and qwix; the error stays <= s/2);
 * int, asymmetric: ``s = (max - min) / (2^b - 1)`` over the group's range widened to include 0
   (GPTQ's convention, so the integer zero point fits), ``z = round(-min/s)``, ``c = clip(round(w/s) + z)``;
 * table formats (NF4, FP4): ``s = max|w| / max|table|``, ``c`` = nearest table entry (ties to the
