@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-__all__ = ["KernelWeights", "prepare", "dequant_matmul", "dequant_matmul_reference", "supports"]
+__all__ = ["KernelWeights", "prepare", "dequant_matmul", "dequant_matmul_reference", "supports", "supports_platform"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale", "zero", "lut"],
@@ -94,52 +94,79 @@ def prepare(q, block_k: int | None = None) -> KernelWeights:
     return KernelWeights(codes.astype(jnp.uint8), scale, zero, lut, f.bits, q.group_size, bk, k, n, mode)
 
 
-def _values(c, mode, zero_row, scale_row, lut):
+def _values(c, mode, zero_row, scale_row, lut_ref):
     """Dequantized float32 values of a block of codes (rows, bn)."""
     cf = c.astype(jnp.float32)
     if mode == "int":
         return (cf - zero_row) * scale_row
     v = jnp.zeros(cf.shape, jnp.float32)
-    for j in range(16):  # 16-way select: no gather inside the kernel
-        entry = lut[j:j + 1, :] if lut.ndim == 2 else lut[j]
-        v = jnp.where(c == j, entry, v)
+    for j in range(16):  # 16-way select: no gather inside the kernel; entries read from the ref
+        entry = lut_ref[pl.ds(j, 1), :] if len(lut_ref.shape) == 2 else lut_ref[j]
+        v = jnp.where(c == j, entry.astype(jnp.float32), v)
     return v * scale_row
 
 
-def _kernel(x_ref, c_ref, s_ref, z_ref, l_ref, o_ref, *, bits, mode, bk):
-    @pl.when(pl.program_id(2) == 0)
+def _kernel(x_ref, c_ref, s_ref, z_ref, l_ref, o_ref, *, bits, mode, bk, group_rows):
+    kk = pl.program_id(2)
+
+    @pl.when(kk == 0)
     def _init():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
-    s = s_ref[...].astype(jnp.float32)                 # (1, bn)
-    z = z_ref[...].astype(jnp.float32) if z_ref is not None else None
-    lut = l_ref[...] if l_ref is not None else None
+    if group_rows:  # TPU: the scale block holds every group's row; pick this K-block's group
+        row = kk // group_rows[0]
+        s = s_ref[pl.ds(row, 1), :].astype(jnp.float32)
+        z = z_ref[pl.ds(row, 1), :].astype(jnp.float32) if z_ref is not None else None
+    else:           # GPU: the scale block is this K-block's (1, bn) row
+        s = s_ref[...].astype(jnp.float32)
+        z = z_ref[...].astype(jnp.float32) if z_ref is not None else None
+    lut = l_ref
     c = c_ref[...]
     xdt = x_ref.dtype
     if bits == 4:
         half = bk // 2
         lo = _values(c & jnp.uint8(15), mode, z, s, lut).astype(xdt)
         hi = _values(c >> jnp.uint8(4), mode, z, s, lut).astype(xdt)
-        acc = jnp.dot(x_ref[:, :half], lo, preferred_element_type=jnp.float32)
-        acc += jnp.dot(x_ref[:, half:], hi, preferred_element_type=jnp.float32)
+        acc = jnp.dot(x_ref[:, pl.ds(0, half)], lo, preferred_element_type=jnp.float32)
+        acc += jnp.dot(x_ref[:, pl.ds(half, half)], hi, preferred_element_type=jnp.float32)
     else:
         acc = jnp.dot(x_ref[...], _values(c, mode, z, s, lut).astype(xdt), preferred_element_type=jnp.float32)
     o_ref[...] += acc
 
 
+def _platform(platform):
+    p = platform or jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(p, p)
+
+
+def supports_platform(w: KernelWeights, platform: str | None = None) -> bool:
+    """TPU (Mosaic) needs K-blocks that are multiples of 128 lanes; GPU (Triton) power-of-two blocks."""
+    p = _platform(platform)
+    if p == "tpu":
+        return w.block_k % 128 == 0
+    if p == "gpu":
+        return w.block_k & (w.block_k - 1) == 0 and w.block_k >= 32
+    return True
+
+
 def dequant_matmul(x, w: KernelWeights, *, block_m: int | None = None, block_n: int = 128,
-                   interpret: bool | None = None):
+                   interpret: bool | None = None, platform: str | None = None):
     """``x @ dequant(W)`` with the Pallas kernel. x: (M, K); returns (M, N) in x.dtype.
 
     ``interpret=None`` runs the kernel in interpret mode on CPU (tests) and compiled elsewhere.
+    ``platform`` ("gpu"/"cuda" -> Triton, "tpu" -> Mosaic) defaults to the default backend; it
+    only needs setting when lowering for another platform (e.g. ``jax.export``).
     """
+    plat = _platform(platform)
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = plat == "cpu"
     m, k = x.shape
     if k != w.k:
         raise ValueError(f"x has {k} features, W has {w.k} inputs")
+    if not interpret and not supports_platform(w, plat):
+        raise ValueError(f"block_k={w.block_k} is not supported by the {plat} kernel; use the reference")
     bm = block_m or min(128, max(16, int(pl.next_power_of_2(m))))
-    bn = min(block_n, w.n)
+    bn = min(block_n, w.n) if plat != "gpu" else block_n
     mp, np_ = -(-m // bm) * bm, -(-w.n // bn) * bn
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     padn = lambda a: None if a is None else jnp.pad(a, ((0, 0), (0, np_ - w.n)))
@@ -148,13 +175,16 @@ def dequant_matmul(x, w: KernelWeights, *, block_m: int | None = None, block_n: 
     bk = w.block_k
     rows_c = bk * w.bits // 8
     blocks_per_group = max(w.group // bk, 1)
-    gi = lambda kk: kk // blocks_per_group
+    n_groups = w.k // w.group
+    tpu = plat == "tpu" and not interpret
+    if tpu:  # Mosaic wants (8, 128)-aligned blocks or full dims: give the kernel all group rows
+        sspec = pl.BlockSpec((n_groups, bn), lambda i, j, kk: (0, j))
+    else:
+        sspec = pl.BlockSpec((1, bn), lambda i, j, kk: (kk // blocks_per_group, j))
     in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((rows_c, bn), lambda i, j, kk: (kk, j)),
-                pl.BlockSpec((1, bn), lambda i, j, kk: (gi(kk), j))]
-    args = [xp, codes, scale]
-    in_specs.append(pl.BlockSpec((1, bn), lambda i, j, kk: (gi(kk), j)) if zero is not None else None)
-    args.append(zero)
+                pl.BlockSpec((rows_c, bn), lambda i, j, kk: (kk, j)), sspec,
+                sspec if zero is not None else None]
+    args = [xp, codes, scale, zero]
     if lut is None:
         in_specs.append(None)
     elif lut.ndim == 1:
@@ -163,19 +193,25 @@ def dequant_matmul(x, w: KernelWeights, *, block_m: int | None = None, block_n: 
         in_specs.append(pl.BlockSpec((16, bn), lambda i, j, kk: (0, j)))
     args.append(lut)
     keep = [a is not None for a in args]
-    kern = functools.partial(_kernel, bits=w.bits, mode=w.mode, bk=bk)
+    kern = functools.partial(_kernel, bits=w.bits, mode=w.mode, bk=bk,
+                             group_rows=(blocks_per_group,) if tpu else ())
 
     def body(*refs):
         it = iter(refs[:-1])
         full = [next(it) if k_ else None for k_ in keep]
         kern(*full, refs[-1])
 
+    params = {}
+    if plat == "gpu" and not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=3)
     out = pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
         grid=(mp // bm, np_ // bn, w.k // bk),
-        in_specs=[s for s, k_ in zip(in_specs, keep) if k_],
+        in_specs=[s_ for s_, k_ in zip(in_specs, keep) if k_],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-        interpret=interpret,
+        interpret=interpret, **params,
     )(*[a for a in args if a is not None])
     return out[:m, :w.n].astype(x.dtype)
 

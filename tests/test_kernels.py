@@ -57,3 +57,18 @@ def test_quant_dot_dispatch_on_cpu():
     assert not supports(quant.quantize_rtn(w, "mxfp4"))
     np.testing.assert_allclose(quant.dot(x, quant.quantize_rtn(w, "int", 3, 128)),
                                x @ quant.quantize_rtn(w, "int", 3, 128).dequantize(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,make", [c for c in CASES if c[0] in ("int4 sym g128", "int4 asym g64", "int8 channel",
+                                                                      "nf4 g64", "any4 g128")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_kernel_lowers_to_triton_for_cuda(name, make):
+    """Without a GPU we can still lower the kernel for CUDA (jax.export): Pallas -> Triton IR."""
+    from jax import export
+    w = jax.random.normal(jax.random.key(0), (512, 256)) * 0.05
+    p = prepare(make(w))
+    x = jnp.ones((16, 512), jnp.bfloat16)
+    f = jax.jit(lambda x, p: dequant_matmul(x, p, interpret=False, platform="cuda"))
+    exp = export.export(f, platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, p)
+    assert "xla.gpu.triton" in exp.mlir_module()
