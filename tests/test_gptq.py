@@ -171,3 +171,27 @@ def test_capture_matches_manual_gram_and_respects_mask():
     seq = {"x": jnp.ones((2, 4, 5)), "m": jnp.array([[1, 1, 0, 0], [1, 0, 0, 0]])}
     st3 = capture(lambda p, b: b["x"] @ p["w"], {"w": jnp.ones((5, 3))}, [seq], row_mask=lambda b: b["m"])
     assert float(st3["w"].n) == 3.0
+
+
+def test_capture_works_for_linen_and_equinox():
+    import equinox as eqx
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    params = Net().init(jax.random.key(1), x)
+    st = capture(lambda p, b: Net().apply(p, b), params, [x])
+    assert set(st) == {"params/Dense_0/kernel", "params/Dense_1/kernel"}
+    # linen names the outer Dense(3) first (it is constructed first), so Dense_1 is the layer that sees x
+    np.testing.assert_allclose(st["params/Dense_1/kernel"].xtx, np.asarray(x).T @ np.asarray(x), rtol=1e-5, atol=1e-5)
+    mlp = eqx.nn.MLP(4, 2, 6, 1, key=jax.random.key(2))
+    arrays, static = eqx.partition(mlp, eqx.is_array)
+    st2 = capture(lambda p, b: jax.vmap(eqx.combine(p, static))(b), arrays, [x])
+    assert "layers/0/weight" in st2 and st2["layers/0/weight"].axis == 1  # equinox stores (out, in)
+    q = gptq(lambda p, b: jax.vmap(eqx.combine(p, static))(b), arrays, [x], select_re="weight$", bits=4,
+             group_size=2)
+    assert quant.is_qarray(q.layers[0].weight) and q.layers[0].weight.axis == 1
