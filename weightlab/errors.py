@@ -76,3 +76,7 @@ class QuantizationError(WeightlabError, ValueError):
 
 class AlreadyQuantizedError(QuantizationError):
     """A quantizer was applied to a leaf that is already a QArray."""
+
+
+class MergeError(WeightlabError, ValueError):
+    """A merge cannot run as configured (unknown method/parameter, bad density, too few models ...)."""

@@ -1,0 +1,20 @@
+"""weightlab.merge: model merging as composable pure steps.
+
+Every mergekit method name is a function here with mergekit's parameters and defaults
+(:mod:`.methods`); the shared pipeline pieces are in :mod:`.steps`. Inputs are a ``base`` params
+pytree and the fine-tuned models stacked along a leading axis (or a list). Documented choices where
+the anchors differ: per-tensor trimming (mergekit) by default, ``scope="global"`` for the TIES
+paper; DARE rescale by L1 match (mergekit) by default, ``rescale="inverse"`` for the paper's 1/p.
+
+Not yet here (see the merge issue): YAML/streaming CLI, data-driven merges (Fisher, RegMean,
+AdaMerging), TSV/Iso, LoRA-native merges, nuslerp/multislerp/arcee_fusion/ram.
+"""
+
+from . import steps
+from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
+                      generalized_task_arithmetic, karcher, linear, model_stock, nearswap, passthrough, sce, slerp,
+                      task_arithmetic, ties)
+
+__all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
+           "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
+           "karcher", "model_stock", "passthrough"]
