@@ -53,6 +53,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     s = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert s["sections"]["models"] == "ran"
     assert s["sections"]["quantization (weightlab.quant)"] == "ran"
+    assert s["sections"]["merging (weightlab.merge)"] == "ran"
+    merged = {r["name"]: r["mean"] for r in s["merging"]}
+    assert merged["linear average"] > min(merged["fine-tuned on 0-4"], merged["fine-tuned on 5-9"])
     accs = {r["name"]: r["test_acc"] for r in s["quantization"]}
     assert accs["RTN int8 per-channel"] > accs["fp32"] - 0.02
     assert all(m["test_acc"] > 0.4 for m in s["models"])
