@@ -26,6 +26,15 @@ from weightlab.models import load_minilm
 SELECT = r"encoder/.*kernel$"
 
 
+def seconds_per_call(f, x, reps: int = 5) -> float:
+    jax.block_until_ready(f(x))
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(x)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / reps
+
+
 def main():
     m = load_minilm()
     mask = lambda b: b["attention_mask"]
@@ -77,20 +86,8 @@ def main():
 
     # RTN throughput vs this machine's memory bandwidth (copy of the same bytes)
     w = jax.random.normal(jax.random.key(1), (4096, 4096))
-    f = jax.jit(lambda w: quant.quantize_rtn(w, "int", 4, 128))
-    jax.block_until_ready(f(w))
-    t = time.perf_counter()
-    for _ in range(5):
-        out = f(w)
-    jax.block_until_ready(out)
-    t_rtn = (time.perf_counter() - t) / 5
-    c = jax.jit(lambda w: w * 1.0001)
-    jax.block_until_ready(c(w))
-    t = time.perf_counter()
-    for _ in range(5):
-        o = c(w)
-    jax.block_until_ready(o)
-    t_copy = (time.perf_counter() - t) / 5
+    t_rtn = seconds_per_call(jax.jit(lambda w: quant.quantize_rtn(w, "int", 4, 128)), w)
+    t_copy = seconds_per_call(jax.jit(lambda w: w * 1.0001), w)
     print(json.dumps({"bench": "rtn_throughput", "shape": [4096, 4096], "rtn_GBps": round(w.nbytes / t_rtn / 1e9, 2),
                       "copy_GBps": round(2 * w.nbytes / t_copy / 1e9, 2),
                       "rtn_vs_copy": round(t_copy / t_rtn, 3)}))
