@@ -15,6 +15,7 @@ weightlab: quantize, merge, align and learn to optimize neural-network weights (
 commands:
   info PATH      what is in a checkpoint: tensors, shapes, dtypes, true bytes, parameter count
   quantize IN OUT  quantize a checkpoint's linear weights (rtn/hqq/any4; int, nf4, fp8, mxfp4, nvfp4 ...)
+  merge CFG OUT  merge checkpoints from a mergekit YAML config, streamed tensor by tensor
   demo           the main job: train two MNIST-1D models and show each pillar on them
 
 examples:
@@ -23,6 +24,7 @@ examples:
   weightlab info model.safetensors --json   # machine-readable
   weightlab quantize ./hf-dir q.safetensors --method hqq --bits 4 --group-size 64
   weightlab info q.safetensors              # shows the quantized tensors' formats and true sizes
+  weightlab merge ties.yml merged/ --dry-run  # validate a mergekit config against the checkpoints
   weightlab demo --out demo_out             # a few minutes on 2 CPU cores
   weightlab demo --quick                    # shorter training, for a smoke test
 
@@ -114,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--limit", type=int, default=50, help="rows to show (0 = all; default 50)")
     i.set_defaults(fn=cmd_info)
+    from .merge import cli as merge_cli
     from .quant import cli as quant_cli
 
     quant_cli.add_parser(sub)
+    merge_cli.add_parser(sub)
     d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
                        description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "
                                    "what weightlab does to them; writes PNG plots and summary.json.")
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (WeightlabError, FileNotFoundError, KeyError) as e:
+    except (WeightlabError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -31,7 +31,7 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, PathCollisionErr
 from .atomic import atomic_dir, atomic_file
 
 __all__ = ["DTYPES", "SafetensorsFile", "Checkpoint", "open_checkpoint", "save", "save_sharded", "load",
-           "read_metadata", "INDEX_NAME"]
+           "read_metadata", "INDEX_NAME", "ShardWriter"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -436,3 +436,69 @@ def save_sharded(directory: str | os.PathLike, tree: Any, *, max_shard_bytes: in
                 raise WeightlabError(f"extra file name {fname!r} must be a plain file name")
             (tmp / fname).write_text(text)
     return Path(directory)
+
+
+class ShardWriter:
+    """Streaming writer of the HF sharded layout: tensors are added one at a time and written out
+    whenever a shard is full, so memory holds at most one shard. Everything goes into a temporary
+    directory that is renamed into place by :meth:`close`; if the process dies or :meth:`abort` is
+    called, no output directory appears. Use as a context manager (an exception aborts)."""
+
+    def __init__(self, directory, *, max_shard_bytes: int = 2 * 1024**3, metadata=None, overwrite: bool = False):
+        self._ctx = atomic_dir(directory, overwrite=overwrite)
+        self.tmp = self._ctx.__enter__()
+        self.max_shard_bytes, self.meta = max_shard_bytes, _encode_metadata(metadata)
+        self._buf: list[tuple[str, np.ndarray]] = []
+        self._size = 0
+        self._shards: list[list[str]] = []
+        self.total = 0
+        self.directory = Path(directory)
+        self._closed = False
+
+    def add(self, name: str, arr) -> None:
+        a = np.asarray(arr)
+        dtype_name(a.dtype, name)
+        if self._buf and self._size + a.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buf.append((name, a))
+        self._size += a.nbytes
+        self.total += a.nbytes
+
+    def _flush(self) -> None:
+        if self._buf:
+            _write_file(self.tmp / f"shard-{len(self._shards):05d}.part", self._buf, self.meta)
+            self._shards.append([n for n, _ in self._buf])
+            self._buf, self._size = [], 0
+
+    def close(self, extra_files=None) -> Path:
+        self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{i:05d}.part", self.tmp / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": weight_map}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (self.tmp / fname).write_text(text)
+        self._ctx.__exit__(None, None, None)
+        self._closed = True
+        return self.directory
+
+    def abort(self, exc=None) -> None:
+        self._closed = True
+        try:
+            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+        except BaseException:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.abort(ev)
+        elif not self._closed:
+            self.close()
+        return False

@@ -1,0 +1,175 @@
+"""mergekit YAML configs and the streaming merge engine on small generated HF-layout checkpoints."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from weightlab import cli, io, merge
+from weightlab.errors import MergeError
+from weightlab.merge.config import evaluate_setting, parse_config
+
+L = 4
+
+
+def make_ckpt(path, seed, vocab=50, lm_head=True, dtype=np.float32, shard=None):
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(0)
+    t = {"model.embed_tokens.weight": base.standard_normal((vocab, 16)) + 0.1 * rng.standard_normal((vocab, 16))}
+    for i in range(L):
+        for n, s in [("self_attn.q_proj.weight", (16, 16)), ("mlp.up_proj.weight", (32, 16)),
+                     ("input_layernorm.weight", (16,))]:
+            t[f"model.layers.{i}.{n}"] = base.standard_normal(s) + 0.3 * rng.standard_normal(s)
+    t["model.norm.weight"] = np.ones(16) + 0.01 * rng.standard_normal(16)
+    if lm_head:
+        t["lm_head.weight"] = base.standard_normal((vocab, 16)) + 0.1 * rng.standard_normal((vocab, 16))
+    t = {k: v.astype(dtype) for k, v in t.items()}
+    io.save_sharded(path, t, max_shard_bytes=shard or 10_000)
+    return t
+
+
+@pytest.fixture()
+def ckpts(tmp_path):
+    return {name: (tmp_path / name, make_ckpt(tmp_path / name, seed)) for seed, name in enumerate(["base", "a", "b"])}
+
+
+def cfg_text(tmp_path, method="ties", extra=""):
+    return f"""
+merge_method: {method}
+base_model: {tmp_path / 'base'}
+models:
+  - model: {tmp_path / 'a'}
+    parameters:
+      weight: 1.0
+      density: [0.2, 0.8]
+  - model: {tmp_path / 'b'}
+    parameters:
+      weight: 0.5
+      density:
+        - filter: mlp
+          value: 0.5
+        - value: 0.3
+parameters:
+  normalize: true
+  lambda: 0.9
+{extra}"""
+
+
+def test_evaluate_setting_semantics():
+    assert evaluate_setting("x", 0.5) == 0.5
+    assert evaluate_setting("x", [0.0, 1.0], 0.25) == pytest.approx(0.25)
+    assert evaluate_setting("x", [0.0, 1.0, 0.0], 0.75) == pytest.approx(0.5)
+    cond = [{"filter": "mlp", "value": [0, 1]}, {"value": 7}]
+    assert evaluate_setting("model.layers.1.mlp.up", cond, 1.0) == 1
+    assert evaluate_setting("model.layers.1.attn", cond, 1.0) == 7
+    assert evaluate_setting("x", [{"filter": "mlp", "value": 1}], 0) is None
+
+
+def test_stream_merge_equals_in_memory_merge(tmp_path, ckpts):
+    cfg = parse_config(cfg_text(tmp_path))
+    out = tmp_path / "out"
+    from weightlab.merge.stream import run_merge
+    run_merge(cfg, out, max_shard_bytes=8_000, progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(out)
+    index = json.loads((out / io.INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    assert (out / "mergekit_config.yml").read_text() == cfg.text
+    assert got.metadata["weightlab.recipe_sha256"] == cfg.recipe_hash
+    base, a, b = (ckpts[n][1] for n in ("base", "a", "b"))
+    for name in base:
+        m = __import__("re").search(r"layers\.(\d+)\.", name)
+        t = int(m.group(1)) / (L - 1) if m else 0.0
+        da = 0.2 + 0.6 * t
+        db = 0.5 if "mlp" in name else 0.3
+        want = merge.ties({name: base[name]}, {name: np.stack([a[name], b[name]])}, weight=[1.0, 0.5],
+                          density=[da, db], lambda_=0.9, normalize=True)[name]
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(cfg_text(tmp_path, "dare_ties", "dtype: bfloat16\n"))
+    assert cli.main(["merge", str(cfg), str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "plan: dare_ties" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    assert cli.main(["merge", str(cfg), str(tmp_path / "o"), "--max-shard-size", "5KB"]) == 0
+    c = io.open_checkpoint(tmp_path / "o")
+    assert c.dtype("model.layers.0.mlp.up_proj.weight") == np.dtype(ml_dtypes.bfloat16)
+    assert cli.main(["merge", str(cfg), str(tmp_path / "o")]) == 2  # exists
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("merge_method: tiess", r":2: unknown merge_method"),
+    ("parameters: {desnity: 0.5}", r"has no parameter 'desnity'"),
+    ("models: []", "non-empty"),
+    ("slices: []", "slices"),
+    ("{{{", "unreadable YAML"),
+])
+def test_config_errors_name_the_line(tmp_path, bad, match):
+    text = {"merge_method: tiess": "\nmerge_method: tiess\nmodels:\n  - model: x\n",
+            "parameters: {desnity: 0.5}": "merge_method: ties\nbase_model: b\nmodels:\n  - model: x\nparameters: {desnity: 0.5}\n",
+            "models: []": "merge_method: ties\nbase_model: b\nmodels: []\n",
+            "slices: []": "merge_method: passthrough\nslices: []\n",
+            "{{{": "{{{"}[bad]
+    with pytest.raises(MergeError, match=match):
+        parse_config(text)
+
+
+def test_model_level_errors_before_any_work(tmp_path, ckpts):
+    bad_density = cfg_text(tmp_path).replace("density: [0.2, 0.8]", "density: 1.5")
+    with pytest.raises(MergeError, match=r":\d+: density must be in"):
+        parse_config(bad_density)
+    from weightlab.merge.stream import run_merge
+    missing = parse_config(cfg_text(tmp_path).replace(f"{tmp_path / 'b'}\n", f"{tmp_path / 'nope'}\n"))
+    with pytest.raises(MergeError, match="does not exist"):
+        run_merge(missing, tmp_path / "o", echo=lambda s: None)
+    make_ckpt(tmp_path / "nohead", 5, lm_head=False)
+    tied = parse_config(cfg_text(tmp_path).replace(f"{tmp_path / 'b'}\n", f"{tmp_path / 'nohead'}\n"))
+    with pytest.raises(MergeError, match="lm_head"):
+        run_merge(tied, tmp_path / "o", dry_run=True, echo=lambda s: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_vocab_mismatch_is_handled_explicitly(tmp_path, ckpts):
+    make_ckpt(tmp_path / "bigvocab", 7, vocab=53)
+    text = cfg_text(tmp_path).replace(f"{tmp_path / 'b'}\n", f"{tmp_path / 'bigvocab'}\n")
+    msgs = []
+    from weightlab.merge.stream import run_merge
+    run_merge(parse_config(text), tmp_path / "o", echo=msgs.append, progress=False)
+    assert any("vocab size 53" in m for m in msgs)
+    out = io.open_checkpoint(tmp_path / "o")
+    assert out.shape("model.embed_tokens.weight") == (50, 16)
+
+
+def test_interrupted_merge_leaves_no_output(tmp_path, ckpts):
+    t = dict(ckpts["b"][1])
+    t["model.layers.3.mlp.up_proj.weight"] = t["model.layers.3.mlp.up_proj.weight"].copy()
+    t["model.layers.3.mlp.up_proj.weight"][0, 0] = np.nan
+    io.save_sharded(tmp_path / "nan", t)
+    text = cfg_text(tmp_path).replace(f"{tmp_path / 'b'}\n", f"{tmp_path / 'nan'}\n")
+    from weightlab.merge.stream import run_merge
+    with pytest.raises(MergeError, match="layers.3.mlp.up_proj.weight.*NaN"):
+        run_merge(parse_config(text), tmp_path / "o", echo=lambda s: None, progress=False)
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # temp dir cleaned up
+
+
+def test_linear_and_slerp_configs(tmp_path, ckpts):
+    from weightlab.merge.stream import run_merge
+    lin = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.25}}\n" \
+          f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.75}}\n"
+    run_merge(parse_config(lin), tmp_path / "lin", echo=lambda s: None, progress=False)
+    a, b = ckpts["a"][1], ckpts["b"][1]
+    n = "model.layers.2.self_attn.q_proj.weight"
+    np.testing.assert_allclose(io.open_checkpoint(tmp_path / "lin")[n], 0.25 * a[n] + 0.75 * b[n], rtol=1e-5, atol=1e-6)
+    sl = f"merge_method: slerp\nbase_model: {tmp_path / 'a'}\nmodels:\n  - model: {tmp_path / 'a'}\n" \
+         f"  - model: {tmp_path / 'b'}\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 1]\n    - value: 0.5\n"
+    run_merge(parse_config(sl), tmp_path / "sl", echo=lambda s: None, progress=False)
+    out = io.open_checkpoint(tmp_path / "sl")
+    np.testing.assert_allclose(out["model.layers.0.self_attn.q_proj.weight"], a["model.layers.0.self_attn.q_proj.weight"],
+                               rtol=1e-5, atol=1e-6)  # t = 0 at the first layer
+    np.testing.assert_allclose(out["model.layers.3.self_attn.q_proj.weight"], b["model.layers.3.self_attn.q_proj.weight"],
+                               rtol=1e-5, atol=1e-6)  # t = 1 at the last

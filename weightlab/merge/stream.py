@@ -1,0 +1,200 @@
+"""Out-of-core merging of Hugging Face safetensors checkpoints, tensor by tensor.
+
+Memory holds one tensor from each input model plus at most one output shard, never whole models.
+Everything is validated before the first tensor is merged (:func:`plan`): the config, every model's
+tensor names, shapes and dtypes (from the headers only), embedding/vocab size mismatches and tied
+``lm_head``/embedding layouts. The output directory (sharded safetensors + index + the config + a
+recipe hash in the metadata) appears atomically at the end; an interrupted merge leaves nothing
+that looks complete.
+
+Layer position for gradient parameters: the first ``.<layers|layer|h|blocks>.<i>.`` index in a
+tensor name, ``t = i / (L - 1)``; other tensors use ``t = 0`` (as mergekit's pre/post weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ..errors import MergeError
+from ..io.safetensors import Checkpoint, ShardWriter
+from . import methods as M
+from .config import MergeConfig, _IGNORED, _PER_MODEL, _RENAME
+
+__all__ = ["Plan", "plan", "run_merge"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+_EMBED = re.compile(r"(embed|wte|word_embeddings|lm_head|output\.weight$)")
+_NO_BASE = {"linear", "karcher", "passthrough"}
+_PAIR = {"slerp", "nearswap"}
+
+
+@dataclasses.dataclass
+class Plan:
+    config: MergeConfig
+    names: list[str]
+    num_layers: int
+    warnings: list[str]
+    truncate: dict  # tensor name -> rows to keep (vocab mismatch on embeddings)
+
+
+def _layer_t(name: str, num_layers: int) -> float:
+    m = _LAYER.search(name)
+    if not m or num_layers <= 1:
+        return 0.0 if not m else 1.0
+    return int(m.group(1)) / (num_layers - 1)
+
+
+def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
+    """Validate everything from the headers; raise :class:`MergeError` naming tensor and model."""
+    refs = config.model_paths()
+    ref0 = config.base_model or refs[0]
+    names = list(ckpts[ref0].keys())
+    warnings, truncate = [], {}
+    name_set = set(names)
+    for ref in refs:
+        other = set(ckpts[ref].keys())
+        missing = [n for n in names if n not in other]
+        extra = [n for n in other if n not in name_set]
+        for n in missing:
+            if "lm_head" in n:
+                raise MergeError(f"{ref} has no '{n}' but {ref0} does: one model ties lm_head to the embeddings "
+                                 "and the other does not; untie (copy the embedding) or tie both first")
+            raise MergeError(f"tensor '{n}' is missing from {ref}")
+        if extra:
+            if any("lm_head" in n for n in extra):
+                raise MergeError(f"{ref} has '{[n for n in extra if 'lm_head' in n][0]}' but {ref0} does not "
+                                 "(tied vs untied embeddings); make them consistent first")
+            warnings.append(f"{ref}: {len(extra)} tensors not in {ref0} are ignored (e.g. {sorted(extra)[0]})")
+    for n in names:
+        s0, d0 = ckpts[ref0].shape(n), ckpts[ref0].dtype(n)
+        for ref in refs:
+            s, d = ckpts[ref].shape(n), ckpts[ref].dtype(n)
+            if s != s0:
+                if _EMBED.search(n) and len(s) == len(s0) and s[1:] == s0[1:]:
+                    rows = min(s[0], s0[0])
+                    truncate[n] = min(truncate.get(n, rows), rows)
+                    warnings.append(f"'{n}': vocab size {s[0]} in {ref} vs {s0[0]} in {ref0}; merging the first "
+                                    f"{truncate[n]} rows (output keeps {ref0}'s shape, extra rows from {ref0})")
+                    continue
+                raise MergeError(f"tensor '{n}': shape {tuple(s)} in {ref} vs {tuple(s0)} in {ref0}")
+            if not (np.issubdtype(d, np.floating) or d == np.dtype(ml_dtypes.bfloat16)) and d != d0:
+                raise MergeError(f"tensor '{n}': dtype {d} in {ref} vs {d0} in {ref0}")
+    layers = [int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m]
+    num_layers = max(layers) + 1 if layers else 1
+    n_models = len([m for m in config.models if m.model != config.base_model])
+    if config.method in _PAIR and n_models != 1:
+        raise MergeError(f"{config.method} merges base_model with exactly one other model, got {n_models}")
+    if config.method == "model_stock" and n_models < 2:
+        raise MergeError("model_stock needs at least two models besides base_model")
+    return Plan(config, names, num_layers, warnings, truncate)
+
+
+def _dtype(name):
+    if name is None:
+        return None
+    table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "fp32": np.float32,
+             "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+    if name not in table:
+        raise MergeError(f"unsupported dtype {name!r} (use float32, float16 or bfloat16)")
+    return np.dtype(table[name])
+
+
+def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.ndarray], key) -> np.ndarray:
+    method = cfg.method
+    fn = M.METHODS[method]
+    others = [m.model for m in cfg.models if m.model != cfg.base_model]
+    used = [m.model for m in cfg.models] if method in _NO_BASE else others
+    glob = {}
+    for p in ("lambda", "normalize", "rescale", "t", "select_topk", "filter_wise", "max_iter", "tol"):
+        v = cfg.parameter(p, name, t)
+        if v is not None:
+            glob[_RENAME.get(p, p)] = v
+    per = {}
+    for p in _PER_MODEL:
+        vals = [cfg.parameter(p, name, t, model=m) for m in used]
+        if any(v is not None for v in vals):
+            defaults = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+            per[p] = [defaults[p] if v is None else float(v) for v in vals]
+    accepted = set(fn.__code__.co_varnames[:fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount])
+    kw = {k: v for k, v in {**glob, **per}.items() if k in accepted and k not in _IGNORED}
+    if "key" in accepted:
+        kw["key"] = key
+    tree = lambda a: {name: jnp.asarray(a, jnp.float32)}
+    stack = lambda refs: {name: jnp.stack([jnp.asarray(tensors[r], jnp.float32) for r in refs])}
+    if method in _NO_BASE:
+        refs = [m.model for m in cfg.models]
+        out = fn(stack(refs), **kw) if method != "passthrough" else tree(tensors[refs[0]])
+    elif method in _PAIR:
+        out = fn(tree(tensors[cfg.base_model]), tree(tensors[others[0]]), **kw)
+    else:
+        out = fn(tree(tensors[cfg.base_model]), stack(others), **kw)
+    return np.asarray(out[name])
+
+
+def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite: bool = False,
+              max_shard_bytes: int = 2 * 1024**3, seed: int = 0, progress: bool = True,
+              echo: Callable[[str], None] = print) -> Plan:
+    """Validate, then (unless ``dry_run``) merge tensor by tensor into ``out_dir``."""
+    from ..io.atomic import refuse_existing
+
+    if not dry_run:
+        refuse_existing(out_dir, overwrite)
+    out_dtype = _dtype(config.out_dtype or config.dtype)
+    ckpts = {}
+    for ref in config.model_paths():
+        if not Path(ref).exists():
+            line = next((m.line for m in config.models if m.model == ref), 1)
+            raise MergeError(f"{config.source}:{line}: model path {ref!r} does not exist (weightlab merges local "
+                             "checkpoints; nothing is downloaded)")
+        ckpts[ref] = Checkpoint(ref)
+    try:
+        p = plan(config, ckpts)
+        for w in p.warnings:
+            echo(f"warning: {w}")
+        echo(f"plan: {config.method} over {len(config.model_paths())} checkpoints, {len(p.names)} tensors, "
+             f"{p.num_layers} layers; recipe {config.recipe_hash[:12]}")
+        if dry_run:
+            return p
+        key = jax.random.key(seed)
+        meta = {"weightlab.merge_method": config.method, "weightlab.recipe_sha256": config.recipe_hash}
+        from tqdm.auto import tqdm
+
+        t0 = time.time()
+        with ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata=meta, overwrite=overwrite) as w:
+            for name in tqdm(p.names, desc="merge", disable=None if progress else True, leave=False):
+                rows = p.truncate.get(name)
+                tensors = {}
+                for ref, c in ckpts.items():
+                    a = c.get(name)
+                    if rows is not None:
+                        a = a[:rows]
+                    if np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16):
+                        if not np.all(np.isfinite(a.astype(np.float32))):
+                            raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
+                    tensors[ref] = a
+                base_arr = tensors[config.base_model or config.models[0].model]
+                if not (np.issubdtype(base_arr.dtype, np.floating) or base_arr.dtype == np.dtype(ml_dtypes.bfloat16)):
+                    merged = ckpts[config.base_model or config.models[0].model].get(name)  # ints: copy the base
+                else:
+                    merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), tensors, key)
+                    if rows is not None:  # keep the reference model's extra vocabulary rows
+                        full = ckpts[config.base_model or config.models[0].model].get(name).astype(np.float32)
+                        full[:rows] = merged
+                        merged = full
+                    merged = merged.astype(out_dtype or base_arr.dtype)
+                w.add(name, merged)
+            w.close(extra_files={"mergekit_config.yml": config.text})
+        echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
+        return p
+    finally:
+        for c in ckpts.values():
+            c.close()
