@@ -36,10 +36,18 @@ def _per_model(x, fn):
 
 
 def _topk_mask(a, k):
-    """Mask of the k largest entries of a 1-D array (ties: lower index first)."""
-    order = jnp.argsort(-a, stable=True)
-    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(a.shape[0]))
-    return ranks < k
+    """Mask of the k largest entries of a 1-D array; among equal values the lower index wins (the
+    same set a stable descending argsort picks). One sort + one cumsum, no argsort/scatter."""
+    n = a.shape[0]
+    if k <= 0:
+        return jnp.zeros(a.shape, bool)
+    if k >= n:
+        return jnp.ones(a.shape, bool)
+    thr = jnp.sort(a)[n - k]
+    above = a > thr
+    need = k - jnp.sum(above)
+    at = a == thr
+    return above | (at & (jnp.cumsum(at) <= need))
 
 
 def magnitude_mask(delta, density: float, threshold=None):

@@ -128,16 +128,48 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.n
     kw = {k: v for k, v in {**glob, **per}.items() if k in accepted and k not in _IGNORED}
     if "key" in accepted:
         kw["key"] = key
-    tree = lambda a: {name: jnp.asarray(a, jnp.float32)}
-    stack = lambda refs: {name: jnp.stack([jnp.asarray(tensors[r], jnp.float32) for r in refs])}
+    key_kw = kw.pop("key", None)
+    if key_kw is not None:  # per-tensor key from the name; inside, the tree has the fixed key "w"
+        from .. import tree as wtree
+
+        key_kw = wtree.leaf_key(key_kw, name, "stream")
+    fn_j = _compiled(method, _freeze(kw))
+    tree = lambda a: {"w": jnp.asarray(a, jnp.float32)}
+    stack = lambda refs: {"w": jnp.stack([jnp.asarray(tensors[r], jnp.float32) for r in refs])}
     if method in _NO_BASE:
         refs = [m.model for m in cfg.models]
-        out = fn(stack(refs), **kw) if method != "passthrough" else tree(tensors[refs[0]])
+        out = fn_j(stack(refs), key_kw) if method != "passthrough" else tree(tensors[refs[0]])
     elif method in _PAIR:
-        out = fn(tree(tensors[cfg.base_model]), tree(tensors[others[0]]), **kw)
+        out = fn_j(tree(tensors[cfg.base_model]), tree(tensors[others[0]]), key_kw)
     else:
-        out = fn(tree(tensors[cfg.base_model]), stack(others), **kw)
-    return np.asarray(out[name])
+        out = fn_j(tree(tensors[cfg.base_model]), stack(others), key_kw)
+    return np.asarray(out["w"])
+
+
+def _freeze(kw: dict):
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+
+
+_CACHE: dict = {}
+
+
+def _compiled(method: str, frozen):
+    """jit-compiled merge of one tensor, cached per method and parameter values (jit itself caches
+    per shape, so a transformer compiles a handful of times, not once per tensor)."""
+    ck = (method, frozen)
+    if ck not in _CACHE:
+        fn = M.METHODS[method]
+        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in frozen}
+        takes_key = "key" in fn.__code__.co_varnames[:fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount]
+
+        def call(*args):
+            *trees, key = args
+            extra = {"key": key} if takes_key and key is not None else {}
+            return fn(*trees, **kw, **extra)
+
+        _CACHE.clear() if len(_CACHE) > 256 else None
+        _CACHE[ck] = jax.jit(call)
+    return _CACHE[ck]
 
 
 def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite: bool = False,
