@@ -261,3 +261,23 @@ def test_roundtrip_property(tmp_path_factory, spec, seed):
     for k, v in tree.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         np.testing.assert_array_equal(back[k].reshape(-1).view(np.uint8), v.reshape(-1).view(np.uint8))
+
+
+def test_planned_shard_writer_writes_in_place_and_is_atomic(tmp_path):
+    layout = [("a", (64, 64), np.float32), ("b", (10,), np.int8), ("c", (64, 64), ml_dtypes.bfloat16)]
+    vals = {n: rand(s, d, i) for i, (n, s, d) in enumerate(layout)}
+    with wio.PlannedShardWriter(tmp_path / "out", layout, max_shard_bytes=20_000, metadata={"m": "x"}) as w:
+        for n in ("c", "a", "b"):  # any order
+            w.add(n, vals[n])
+    c = wio.open_checkpoint(tmp_path / "out")
+    assert len(set(c.shard_of(n) for n in c.keys())) == 2 and c.metadata["m"] == "x"
+    for n, v in vals.items():
+        np.testing.assert_array_equal(c[n].view(np.uint8), v.view(np.uint8))
+    with pytest.raises(ValueError, match="never written"):
+        with wio.PlannedShardWriter(tmp_path / "out2", layout) as w:
+            w.add("a", vals["a"])
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(ValueError, match="planned"):
+        with wio.PlannedShardWriter(tmp_path / "out3", layout) as w:
+            w.add("a", vals["a"].astype(np.float64))
+    assert not (tmp_path / "out3").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -31,7 +31,7 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, PathCollisionErr
 from .atomic import atomic_dir, atomic_file
 
 __all__ = ["DTYPES", "SafetensorsFile", "Checkpoint", "open_checkpoint", "save", "save_sharded", "load",
-           "read_metadata", "INDEX_NAME", "ShardWriter"]
+           "read_metadata", "INDEX_NAME", "ShardWriter", "PlannedShardWriter"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -488,6 +488,109 @@ class ShardWriter:
 
     def abort(self, exc=None) -> None:
         self._closed = True
+        try:
+            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+        except BaseException:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.abort(ev)
+        elif not self._closed:
+            self.close()
+        return False
+
+
+class PlannedShardWriter:
+    """Sharded writer for a layout known in advance (names, shapes, dtypes): every shard's header is
+    written first and each tensor goes straight to its final offset when it arrives, so memory holds
+    one tensor, not one shard. Same atomic-directory guarantees as :class:`ShardWriter`."""
+
+    def __init__(self, directory, layout, *, max_shard_bytes: int = 2 * 1024**3, metadata=None,
+                 overwrite: bool = False):
+        self._ctx = atomic_dir(directory, overwrite=overwrite)
+        self.tmp = self._ctx.__enter__()
+        self.directory = Path(directory)
+        meta = _encode_metadata(metadata)
+        self.meta = meta
+        groups: list[list[tuple[str, tuple, np.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), np.dtype(dtype)))
+            size += nbytes
+        n = len(groups)
+        self._where: dict[str, tuple[int, int, tuple, np.dtype]] = {}
+        self._files, self.weight_map, self.total = [], {}, 0
+        try:
+            for i, g in enumerate(groups):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                h: dict[str, Any] = {"__metadata__": meta} if meta else {}
+                off = 0
+                for name, shape, dt in g:
+                    nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+                    h[name] = {"dtype": dtype_name(dt, name), "shape": list(shape), "data_offsets": [off, off + nb]}
+                    self._where[name] = (i, 0, shape, dt)
+                    self.weight_map[name] = fname
+                    off += nb
+                raw = json.dumps(h, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)
+                f = open(self.tmp / fname, "wb+")
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                f.truncate(8 + len(raw) + off)
+                self._files.append(f)
+                for name, _, _ in g:
+                    i_, _, shape, dt = self._where[name]
+                    self._where[name] = (i_, 8 + len(raw) + h[name]["data_offsets"][0], shape, dt)
+                self.total += off
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self._written: set[str] = set()
+        self._closed = False
+
+    def add(self, name: str, arr) -> None:
+        if name not in self._where:
+            raise KeyError(f"'{name}' is not in the planned layout")
+        i, off, shape, dt = self._where[name]
+        a = np.ascontiguousarray(np.asarray(arr))
+        if a.shape != shape or a.dtype != dt:
+            raise ValueError(f"'{name}': planned {shape} {dt}, got {a.shape} {a.dtype}")
+        f = self._files[i]
+        f.seek(off)
+        f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+        self._written.add(name)
+
+    def close(self, extra_files=None) -> Path:
+        missing = [n for n in self._where if n not in self._written]
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensors were never written (e.g. '{missing[0]}')")
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": self.weight_map}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (self.tmp / fname).write_text(text)
+        self._ctx.__exit__(None, None, None)
+        self._closed = True
+        return self.directory
+
+    def abort(self, exc=None) -> None:
+        self._closed = True
+        for f in getattr(self, "_files", []):
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
             self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
         except BaseException:

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MergeError
-from ..io.safetensors import Checkpoint, ShardWriter
+from ..io.safetensors import Checkpoint, PlannedShardWriter
 from . import methods as M
 from .config import MergeConfig, _IGNORED, _PER_MODEL, _RENAME
 
@@ -201,7 +201,16 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
         from tqdm.auto import tqdm
 
         t0 = time.time()
-        with ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata=meta, overwrite=overwrite) as w:
+        ref0 = ckpts[config.base_model or config.models[0].model]
+
+        def out_dt(n):
+            d = ref0.dtype(n)
+            floating = np.issubdtype(d, np.floating) or d == np.dtype(ml_dtypes.bfloat16)
+            return (out_dtype or d) if floating else d
+
+        layout = [(n, ref0.shape(n), out_dt(n)) for n in p.names]
+        with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
+                                overwrite=overwrite) as w:
             for name in tqdm(p.names, desc="merge", disable=None if progress else True, leave=False):
                 rows = p.truncate.get(name)
                 tensors = {}
