@@ -152,9 +152,28 @@ class SafetensorsFile:
         return self._entries[name]
 
     def get(self, name: str, *, copy: bool = True) -> np.ndarray:
-        """The tensor as a numpy array. ``copy=False`` returns a read-only view of the memory map
-        (valid until :meth:`close`)."""
+        """The tensor as a numpy array, read with ``pread`` into a fresh buffer (so reading a whole
+        checkpoint tensor by tensor does not keep the file mapped in memory). ``copy=False`` returns
+        a read-only zero-copy view of a memory map instead (valid until :meth:`close`)."""
         dt, shape, b, e = self._entry(name)
+        if copy:
+            out = np.empty(shape, dt)
+            buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
+            if buf is not None:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    got, pos = 0, self._data_start + b
+                    while got < e - b:
+                        n = os.preadv(fd, [buf[got:]], pos + got)
+                        if n <= 0:
+                            raise CheckpointError(f"{self.path}: tensor '{name}' truncated while reading")
+                        got += n
+                finally:
+                    os.close(fd)
+            if dt.byteorder == ">":  # pragma: no cover - big-endian hosts
+                out = out.byteswap().view(dt.newbyteorder("<"))
+            self.bytes_read += e - b
+            return out
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self._size else None
