@@ -6,15 +6,19 @@ pytree and the fine-tuned models stacked along a leading axis (or a list). Docum
 the anchors differ: per-tensor trimming (mergekit) by default, ``scope="global"`` for the TIES
 paper; DARE rescale by L1 match (mergekit) by default, ``rescale="inverse"`` for the paper's 1/p.
 
-Not yet here (see the merge issue): YAML/streaming CLI, data-driven merges (Fisher, RegMean,
-AdaMerging), TSV/Iso, LoRA-native merges, nuslerp/multislerp/arcee_fusion/ram.
+Data-driven: :func:`fisher_merge` with :func:`diagonal_fisher` (any ``apply_fn``), :func:`regmean`
+(Gram matrices from the traced calibration capture). YAML/streaming: :mod:`.config`, :mod:`.stream`.
+Not yet here (see the merge issue): AdaMerging, TSV/Iso, LoRA-native merges,
+nuslerp/multislerp/arcee_fusion/ram.
 """
 
 from . import steps
+from .fisher import diagonal_fisher, fisher_merge
+from .regmean import regmean, regmean_from_grams
 from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
                       generalized_task_arithmetic, karcher, linear, model_stock, nearswap, passthrough, sce, slerp,
                       task_arithmetic, ties)
 
 __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
            "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
-           "karcher", "model_stock", "passthrough"]
+           "karcher", "model_stock", "passthrough", "diagonal_fisher", "fisher_merge", "regmean", "regmean_from_grams"]

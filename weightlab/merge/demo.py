@@ -10,7 +10,7 @@ import optax
 def run(ctx) -> None:
     from ..eval import evaluate
     from ..train import fit
-    from . import dare_ties, linear, task_arithmetic, ties
+    from . import dare_ties, diagonal_fisher, fisher_merge, linear, regmean, task_arithmetic, ties
 
     base = ctx.models[0]
     f = base.model.apply_fn
@@ -22,6 +22,8 @@ def run(ctx) -> None:
         r = fit(f, base.params, d["x"][sel], d["y"][sel], key=jax.random.key(100 + i), steps=steps, batch_size=100,
                 optimizer=optax.adam(1e-3))
         fine.append(r.params)
+    task_x = [d["x"][sel][:512] for sel in tasks.values()]
+    fishers = [diagonal_fisher(f, p, [x[:256], x[256:512]]) for p, x in zip(fine, task_x)]
     te = {name: (d["y_test"] < 5) if "0-4" in name else (d["y_test"] >= 5) for name in tasks}
 
     def accs(p):
@@ -31,7 +33,9 @@ def run(ctx) -> None:
             "linear average": linear(fine),
             "task arithmetic (lambda 0.7)": task_arithmetic(base.params, fine, lambda_=0.7),
             "TIES (density 0.3)": ties(base.params, fine, density=0.3),
-            "DARE-TIES (density 0.3)": dare_ties(base.params, fine, density=0.3, key=jax.random.key(0))}
+            "DARE-TIES (density 0.3)": dare_ties(base.params, fine, density=0.3, key=jax.random.key(0)),
+            "Fisher merging": fisher_merge(fine, fishers),
+            "RegMean": regmean(f, fine, [[x] for x in task_x])}
     results = []
     for name, p in rows.items():
         a = accs(p)

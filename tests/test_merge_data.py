@@ -1,0 +1,71 @@
+"""Data-driven merges: Fisher-weighted averaging and RegMean, against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from weightlab import merge
+from weightlab.errors import MergeError
+
+
+def test_regmean_is_the_least_squares_solution():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((200, 6)) * s for s in (1.0, 3.0)]
+    ws = [rng.standard_normal((6, 4)).astype(np.float32) for _ in xs]
+    models = [{"l": {"kernel": w, "bias": np.full(4, i, np.float32)}} for i, w in enumerate(ws)]
+    grams = [{"l/kernel": x.T @ x} for x in xs]
+    out = merge.regmean_from_grams(models, grams, alpha=1.0)
+    # closed form: argmin_W sum_i ||X_i W - X_i W_i||^2  (stack the problems, solve with lstsq)
+    X = np.concatenate(xs)
+    Y = np.concatenate([x @ w for x, w in zip(xs, ws)])
+    ref = np.linalg.lstsq(X, Y, rcond=None)[0]
+    np.testing.assert_allclose(out["l"]["kernel"], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["l"]["bias"], 0.5)  # non-matmul leaves are averaged
+    # alpha = 0 keeps only the diagonals: a per-input-row weighted average
+    d = merge.regmean_from_grams(models, grams, alpha=0.0)["l"]["kernel"]
+    g = [np.diag(x.T @ x) for x in xs]
+    np.testing.assert_allclose(d, (g[0][:, None] * ws[0] + g[1][:, None] * ws[1]) / (g[0] + g[1])[:, None], rtol=1e-4)
+    with pytest.raises(MergeError, match="alpha"):
+        merge.regmean_from_grams(models, grams, alpha=1.5)
+
+
+def test_regmean_model_level_uses_traced_grams():
+    from weightlab.models import mlp
+    m = [mlp(jax.random.key(i), hidden=(8,)) for i in range(2)]
+    data = [[jax.random.normal(jax.random.key(10 + i), (64, 40))] for i in range(2)]
+    out = merge.regmean(m[0].apply_fn, [x.params for x in m], data, alpha=1.0)
+    x0, x1 = (np.asarray(d[0], np.float64) for d in data)
+    w0, w1 = (np.asarray(x.params["dense_0"]["kernel"], np.float64) for x in m)
+    g0, g1 = x0.T @ x0, x1.T @ x1
+    ref = np.linalg.solve(g0 + g1, g0 @ w0 + g1 @ w1)
+    np.testing.assert_allclose(out["dense_0"]["kernel"], ref, rtol=2e-3, atol=2e-3)
+
+
+def test_fisher_merge_closed_form_and_identity():
+    a = {"w": jnp.array([1.0, 2.0, 3.0])}
+    b = {"w": jnp.array([3.0, 2.0, 0.0])}
+    fa, fb = {"w": jnp.array([1.0, 0.0, 3.0])}, {"w": jnp.array([1.0, 1.0, 1.0])}
+    out = merge.fisher_merge([a, b], [fa, fb], eps=0.0)
+    np.testing.assert_allclose(out["w"], [2.0, 2.0, 9.0 / 4.0])
+    same = merge.fisher_merge([a, a], [fa, fb])
+    np.testing.assert_allclose(same["w"], a["w"], rtol=1e-6)
+
+
+def test_diagonal_fisher_matches_bruteforce():
+    from weightlab.models import mlp
+    m = mlp(jax.random.key(0), in_dim=5, hidden=(4,), out_dim=3)
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    f = merge.diagonal_fisher(m.apply_fn, m.params, [x[:4], x[4:]])
+    ref = jax.tree.map(jnp.zeros_like, m.params)
+    for i in range(6):
+        p = jax.nn.softmax(m.apply_fn(m.params, x[i:i + 1])[0])
+        for c in range(3):
+            g = jax.grad(lambda q: jax.nn.log_softmax(m.apply_fn(q, x[i:i + 1])[0])[c])(m.params)
+            ref = jax.tree.map(lambda r, v: r + p[c] * v ** 2 / 6, ref, g)
+    for u, v in zip(jax.tree.leaves(f), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-7)
+    emp = merge.diagonal_fisher(m.apply_fn, m.params, [x], labels=[jnp.zeros(6, jnp.int32)], mode="empirical")
+    assert jax.tree.structure(emp) == jax.tree.structure(m.params)
+    with pytest.raises(MergeError, match="label"):
+        merge.diagonal_fisher(m.apply_fn, m.params, [x], mode="empirical")
