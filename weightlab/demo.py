@@ -63,7 +63,7 @@ class DemoContext:
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
     last = [0]

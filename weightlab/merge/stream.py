@@ -198,7 +198,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
             return p
         key = jax.random.key(seed)
         meta = {"weightlab.merge_method": config.method, "weightlab.recipe_sha256": config.recipe_hash}
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         t0 = time.time()
         ref0 = ckpts[config.base_model or config.models[0].model]

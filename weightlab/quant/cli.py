@@ -91,7 +91,7 @@ def run(args) -> int:
                     print(f"  quantize {name} {tuple(c.shape(name))} axis={axis}")
             return 0
         out, dense_bytes, q_bytes = {}, 0, 0
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         for name, ch, axis in tqdm(plan, desc="quantize", disable=None, leave=False):
             arr = c[name]
