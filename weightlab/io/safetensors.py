@@ -457,7 +457,41 @@ def save_sharded(directory: str | os.PathLike, tree: Any, *, max_shard_bytes: in
     return Path(directory)
 
 
-class ShardWriter:
+class _AtomicWriter:
+    """Shared lifecycle of the sharded writers: ``close()`` publishes the temporary directory, an
+    exception inside ``with`` (or :meth:`abort`) deletes it."""
+
+    _closed = False
+
+    def _publish(self, weight_map: dict, extra_files) -> Path:
+        """Write the index and extra files, then rename the temporary directory into place."""
+        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": weight_map}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for fname, text in (extra_files or {}).items():
+            (self.tmp / fname).write_text(text)
+        self._ctx.__exit__(None, None, None)
+        self._closed = True
+        return self.directory
+
+    def abort(self, exc=None) -> None:
+        self._closed = True
+        try:
+            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
+        except BaseException:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.abort(ev)
+        elif not self._closed:
+            self.close()
+        return False
+
+
+class ShardWriter(_AtomicWriter):
     """Streaming writer of the HF sharded layout: tensors are added one at a time and written out
     whenever a shard is full, so memory holds at most one shard. Everything goes into a temporary
     directory that is renamed into place by :meth:`close`; if the process dies or :meth:`abort` is
@@ -497,33 +531,10 @@ class ShardWriter:
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp / f"shard-{i:05d}.part", self.tmp / final)
             weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        for fname, text in (extra_files or {}).items():
-            (self.tmp / fname).write_text(text)
-        self._ctx.__exit__(None, None, None)
-        self._closed = True
-        return self.directory
-
-    def abort(self, exc=None) -> None:
-        self._closed = True
-        try:
-            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
-        except BaseException:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb):
-        if et is not None:
-            self.abort(ev)
-        elif not self._closed:
-            self.close()
-        return False
+        return self._publish(weight_map, extra_files)
 
 
-class PlannedShardWriter:
+class PlannedShardWriter(_AtomicWriter):
     """Sharded writer for a layout known in advance (names, shapes, dtypes): every shard's header is
     written first and each tensor goes straight to its final offset when it arrives, so memory holds
     one tensor, not one shard. Same atomic-directory guarantees as :class:`ShardWriter`."""
@@ -595,32 +606,12 @@ class PlannedShardWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": self.weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        for fname, text in (extra_files or {}).items():
-            (self.tmp / fname).write_text(text)
-        self._ctx.__exit__(None, None, None)
-        self._closed = True
-        return self.directory
+        return self._publish(self.weight_map, extra_files)
 
     def abort(self, exc=None) -> None:
-        self._closed = True
         for f in getattr(self, "_files", []):
             try:
                 f.close()
             except OSError:
                 pass
-        try:
-            self._ctx.__exit__(type(exc) if exc else RuntimeError, exc or RuntimeError("aborted"), None)
-        except BaseException:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb):
-        if et is not None:
-            self.abort(ev)
-        elif not self._closed:
-            self.close()
-        return False
+        super().abort(exc)
