@@ -69,3 +69,30 @@ def test_diagonal_fisher_matches_bruteforce():
     assert jax.tree.structure(emp) == jax.tree.structure(m.params)
     with pytest.raises(MergeError, match="label"):
         merge.diagonal_fisher(m.apply_fn, m.params, [x], mode="empirical")
+
+
+def test_adamerging_learns_coefficients_and_lowers_entropy():
+    import optax
+    from weightlab.data import load_mnist1d
+    from weightlab.models import train_mnist1d
+    from weightlab.train import fit
+    d = load_mnist1d()
+    run = train_mnist1d(seed=0, steps=600)
+    f = run.model.apply_fn
+    halves = [d["y"] < 5, d["y"] >= 5]
+    fine = [fit(f, run.params, d["x"][m], d["y"][m], key=jax.random.key(i), steps=150,
+                optimizer=optax.adam(1e-3)).params for i, m in enumerate(halves)]
+    unl = [[d["x_test"][(d["y_test"] < 5) if i == 0 else (d["y_test"] >= 5)][:200]] for i in range(2)]
+    for gran in ("task", "layer"):
+        r = merge.adamerging(f, run.params, fine, unl, granularity=gran, steps=40, optimizer=optax.adam(1e-2))
+        assert float(r.losses[-1]) < float(r.losses[0])  # entropy goes down
+        leaves = [r.coefficients] if gran == "task" else jax.tree.leaves(r.coefficients)
+        assert all(float(c.min()) >= 0 and float(c.max()) <= 1 for c in leaves)
+        assert any(float(jnp.abs(c - 0.3).max()) > 1e-3 for c in leaves)  # coefficients moved
+    # merge_with is task arithmetic for fixed coefficients
+    tvs = jax.tree.map(lambda *xs: jnp.stack([x - b for x, b in zip(xs[:-1], [xs[-1]] * 2)]), *fine, run.params)
+    np.testing.assert_allclose(merge.merge_with(run.params, tvs, jnp.array([0.5, 0.5]))["head"]["kernel"],
+                               merge.task_arithmetic(run.params, fine, weight=0.5)["head"]["kernel"], rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(MergeError, match="granularity"):
+        merge.adamerging(f, run.params, fine, unl, granularity="block")

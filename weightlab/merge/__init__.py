@@ -8,11 +8,13 @@ paper; DARE rescale by L1 match (mergekit) by default, ``rescale="inverse"`` for
 
 Data-driven: :func:`fisher_merge` with :func:`diagonal_fisher` (any ``apply_fn``), :func:`regmean`
 (Gram matrices from the traced calibration capture). YAML/streaming: :mod:`.config`, :mod:`.stream`.
-Not yet here (see the merge issue): AdaMerging, TSV/Iso, LoRA-native merges,
+:func:`adamerging` learns task- or layer-wise coefficients by entropy minimisation (jax.grad + optax).
+Not yet here (see the merge issue): TSV/Iso, LoRA-native merges,
 nuslerp/multislerp/arcee_fusion/ram.
 """
 
 from . import steps
+from .adamerging import AdaMergingResult, adamerging, merge_with
 from .fisher import diagonal_fisher, fisher_merge
 from .regmean import regmean, regmean_from_grams
 from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
@@ -21,4 +23,5 @@ from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_
 
 __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
            "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
-           "karcher", "model_stock", "passthrough", "diagonal_fisher", "fisher_merge", "regmean", "regmean_from_grams"]
+           "karcher", "model_stock", "passthrough", "diagonal_fisher", "fisher_merge", "regmean", "regmean_from_grams",
+           "adamerging", "AdaMergingResult", "merge_with"]

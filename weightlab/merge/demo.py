@@ -10,7 +10,7 @@ import optax
 def run(ctx) -> None:
     from ..eval import evaluate
     from ..train import fit
-    from . import dare_ties, diagonal_fisher, fisher_merge, linear, regmean, task_arithmetic, ties
+    from . import adamerging, dare_ties, diagonal_fisher, fisher_merge, linear, regmean, task_arithmetic, ties
 
     base = ctx.models[0]
     f = base.model.apply_fn
@@ -35,7 +35,9 @@ def run(ctx) -> None:
             "TIES (density 0.3)": ties(base.params, fine, density=0.3),
             "DARE-TIES (density 0.3)": dare_ties(base.params, fine, density=0.3, key=jax.random.key(0)),
             "Fisher merging": fisher_merge(fine, fishers),
-            "RegMean": regmean(f, fine, [[x] for x in task_x])}
+            "RegMean": regmean(f, fine, [[x] for x in task_x]),
+            "AdaMerging layer-wise (unlabeled)": adamerging(f, base.params, fine, [[x] for x in task_x],
+                                                           steps=60, optimizer=optax.adam(1e-2)).params}
     results = []
     for name, p in rows.items():
         a = accs(p)

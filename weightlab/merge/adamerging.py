@@ -1,0 +1,80 @@
+"""AdaMerging: merging coefficients learned by entropy minimisation on unlabeled data.
+
+Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning" (ICLR 2024). The merged
+model is ``θ(λ) = θ_base + Σ_k λ_k ⊙ τ_k`` with task vectors ``τ_k = θ_k - θ_base`` and
+coefficients that are one scalar per task (``granularity="task"``) or one per task and parameter
+leaf (``"layer"``, the paper's better variant). λ is trained with any optax optimizer to minimise the
+mean prediction entropy of ``apply_fn(θ(λ), x)`` on each task's *unlabeled* batches; gradients come
+from ``jax.grad`` through the merge, so it works for any model with an ``apply_fn``, not per
+architecture. Coefficients are clipped to [0, 1] after each step, as the reference does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import tree as wtree
+from ..errors import MergeError
+
+__all__ = ["AdaMergingResult", "merge_with", "adamerging"]
+
+
+class AdaMergingResult(NamedTuple):
+    params: Any          # the merged model
+    coefficients: Any    # (K,) array or a pytree of (K,) arrays (layer-wise)
+    losses: Any          # entropy per step
+
+
+def merge_with(base, task_vectors, coefficients):
+    """``base + Σ_k λ_k τ_k``; ``coefficients`` is (K,) or a pytree like ``base`` of (K,) arrays."""
+    if wtree.is_array(coefficients):
+        return jax.tree.map(lambda b, t: b + jnp.tensordot(coefficients.astype(t.dtype), t, axes=1)
+                            if wtree.is_array(b) else b, base, task_vectors)
+    return jax.tree.map(lambda b, t, c: b + jnp.tensordot(c.astype(t.dtype), t, axes=1) if wtree.is_array(b) else b,
+                        base, task_vectors, coefficients)
+
+
+def _entropy(logits):
+    p = jax.nn.softmax(logits, axis=-1)
+    return -jnp.mean(jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def adamerging(apply_fn: Callable, base, models: Sequence[Any], unlabeled: Sequence[Sequence[Any]], *,
+               granularity: str = "layer", init: float = 0.3, steps: int = 100,
+               optimizer: optax.GradientTransformation | None = None) -> AdaMergingResult:
+    """Learn merging coefficients for ``models`` (fine-tunes of ``base``) from unlabeled batches,
+    one list of batches per task (cycled through)."""
+    if granularity not in ("task", "layer"):
+        raise MergeError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+    if not models or len(models) != len(unlabeled) or any(len(u) == 0 for u in unlabeled):
+        raise MergeError("adamerging needs one non-empty list of unlabeled batches per model")
+    k = len(models)
+    stacked = wtree.stack(list(models))
+    wtree.check_compatible(base, wtree.unstack(stacked)[0], names=("base", "models"))
+    tvs = jax.tree.map(lambda s, b: (s - b[None]).astype(jnp.float32) if wtree.is_array(b) else b, stacked, base)
+    lam = jnp.full((k,), init, jnp.float32)
+    coeffs = lam if granularity == "task" else jax.tree.map(lambda b: lam if wtree.is_array(b) else b, base)
+    opt = optimizer or optax.adam(1e-3)
+    state = opt.init(coeffs)
+
+    def loss(c, batches):
+        merged = merge_with(base, tvs, c)
+        return sum(_entropy(apply_fn(merged, x)) for x in batches) / len(batches)
+
+    @jax.jit
+    def step(c, s, batches):
+        l, g = jax.value_and_grad(loss)(c, batches)
+        u, s = opt.update(g, s, c)
+        c = jax.tree.map(lambda v: jnp.clip(v, 0.0, 1.0), optax.apply_updates(c, u))
+        return c, s, l
+
+    losses = []
+    for i in range(steps):
+        batches = [jnp.asarray(u[i % len(u)]) for u in unlabeled]
+        coeffs, state, l = step(coeffs, state, batches)
+        losses.append(float(l))
+    return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.asarray(losses))
