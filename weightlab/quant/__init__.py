@@ -19,6 +19,8 @@ import json
 import re
 from typing import Any, Callable
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 
@@ -30,7 +32,7 @@ from .formats import FORMATS, Format, get_format
 from .hqq import quantize_hqq
 from .lut import quantize_any4
 from .qarray import QArray, is_qarray
-from .rtn import quantize_rtn
+from .rtn import check_finite, quantize_rtn
 from .gptq import gptq, gptq_quantize
 from .awq import awq, awq_quantize
 from .calibrate import Stats, capture, matmul_weights
@@ -40,7 +42,7 @@ from . import qat
 
 __all__ = ["QArray", "Format", "FORMATS", "get_format", "quantize_rtn", "quantize_hqq", "quantize_any4", "METHODS",
            "gptq", "gptq_quantize", "awq", "awq_quantize", "Stats", "capture", "matmul_weights", "random_hadamard",
-           "rotate_quantize", "lorc", "qera", "qat", "quantize_array", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
+           "rotate_quantize", "lorc", "qera", "qat", "quantize_array", "check_quantizable", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
 
 METHODS: dict[str, Callable[..., QArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq, "any4": quantize_any4}
 METADATA_KEY = "weightlab.qarrays"
@@ -62,28 +64,25 @@ def quantize_array(w, method: str = "rtn", *, path: str = "", **kwargs) -> QArra
     return _method(method, kwargs)(w, path=path, **kwargs)
 
 
+def check_quantizable(path: str, x, quantize_leaf: Callable[[Any], Any]) -> None:
+    """Raise the typed error ``quantize_leaf(x)`` would raise, without doing the work: already
+    quantized leaves are refused, and the method is traced on an abstract copy of ``x``
+    (``jax.eval_shape``), which runs all its layout/format/dtype checks from the shape alone. One
+    mechanism for every method, so a new method needs no validation code of its own here."""
+    if is_qarray(x):
+        raise AlreadyQuantizedError(f"'{path}' is already quantized ({x.fmt.name}); dequantize it first")
+    if path.endswith("/codes") and np.dtype(x.dtype) in (np.uint8, np.uint32):
+        raise AlreadyQuantizedError(f"'{path[:-6]}' looks already quantized (its codes were selected)")
+    jax.eval_shape(quantize_leaf, jax.ShapeDtypeStruct(tuple(x.shape), x.dtype))
+    if not isinstance(x, (jax.ShapeDtypeStruct, jax.core.Tracer)):
+        check_finite(path, x)
+
+
 def _check_all(params, fn, kwargs):
     """Validate every leaf before quantizing any (typed errors naming the path)."""
-    from .rtn import validate_leaf
-
-    sig = inspect.signature(fn).parameters
-    kw = {k: v.default for k, v in sig.items() if v.default is not inspect.Parameter.empty}
-    kw.update(kwargs)
-    if fn is quantize_rtn:
-        f = str(kw["fmt"]).lower() if not isinstance(kw["fmt"], Format) else None
-        fmt = get_format(kw["fmt"], kw["bits"] if f in ("int", "uint") else None, kw.get("symmetric"))
-    elif fn is quantize_any4:
-        fmt = get_format("any4")
-    else:
-        fmt = get_format("int", kw["bits"], symmetric=False)
-    pairs, _ = wtree.flatten_with_paths(params, is_leaf=is_qarray)
-    for p, x in pairs:
-        if is_qarray(x):
-            raise AlreadyQuantizedError(f"'{p}' is already quantized ({x.fmt.name}); dequantize it first")
-        if wtree.is_array(x):
-            if p.endswith("/codes") and x.dtype in (jnp.uint8, jnp.uint32):
-                raise AlreadyQuantizedError(f"'{p[:-6]}' looks already quantized (its codes were selected)")
-            validate_leaf(p, x, fmt, kw["group_size"], kw["axis"])
+    for p, x in wtree.flatten_with_paths(params, is_leaf=is_qarray)[0]:
+        if is_qarray(x) or wtree.is_array(x):
+            check_quantizable(p, x, lambda w, p=p: fn(w, path=p, **kwargs))
 
 
 def quantizer(method: str = "rtn", **kwargs) -> WeightTransform:

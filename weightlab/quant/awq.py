@@ -120,7 +120,6 @@ def awq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str | 
     """AWQ every matmul weight whose path matches ``select_re`` (statistics from one traced
     calibration pass over ``batches``). Keyword arguments go to :func:`awq_quantize`."""
     from .calibrate import capture
-    from .gptq import _unflatten_with_qarrays
 
     rx = re.compile(select_re) if select_re else None
     flat = wtree.to_flat_dict(params)
@@ -137,4 +136,4 @@ def awq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str | 
         kw = dict(kwargs)
         kw.setdefault("axis", -2 if st.axis == 0 else -1)
         out[p] = awq_quantize(flat[p], st.xtx / jnp.maximum(st.n, 1), st.abs_mean, path=p, **kw)
-    return _unflatten_with_qarrays(out, params)
+    return wtree.from_flat_dict(out, params, check=False)

@@ -58,28 +58,24 @@ def _kwargs(args) -> dict:
 
 def run(args) -> int:
     from .. import io as wio
-    from . import quantize_array, save
-    from .formats import get_format
-    from .rtn import resolve_layout
-
     from ..io.atomic import refuse_existing
+    from . import check_quantizable, quantize_array, save
 
     if not args.dry_run:
         refuse_existing(args.output, args.overwrite)
     kw = _kwargs(args)
     sel, exc = re.compile(args.select), re.compile(args.exclude) if args.exclude else None
-    fmt = (get_format(kw["fmt"], kw["bits"] if kw["fmt"] in ("int", "uint") else None) if args.method == "rtn"
-           else get_format("any4") if args.method == "any4" else get_format("int", kw["bits"], symmetric=False))
     t0 = time.time()
     with wio.open_checkpoint(args.input) as c:
         plan = []
         for name in c.keys():
             shape, dtype = c.shape(name), c.dtype(name)
-            chosen = (len(shape) == 2 and np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16") and \
-                len(shape) == 2 and sel.search(name) and not (exc and exc.search(name))
+            floating = np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+            chosen = len(shape) == 2 and floating and sel.search(name) and not (exc and exc.search(name))
             axis = args.axis if args.axis is not None else (-1 if name.endswith(".weight") else -2)
-            if chosen:  # validate every tensor's layout from the header before reading any data
-                resolve_layout(shape, fmt, kw.get("group_size", "auto"), axis, name)
+            if chosen:  # validate every tensor from the header (shape/dtype only) before reading any data
+                check_quantizable(name, jax.ShapeDtypeStruct(shape, dtype),
+                                  lambda w, n=name, a=axis: quantize_array(w, args.method, axis=a, path=n, **kw))
             plan.append((name, bool(chosen), axis))
         n_q = sum(1 for _, ch, _ in plan if ch)
         print(f"{args.input}: {len(plan)} tensors, {n_q} to quantize with {args.method} {json.dumps(kw)}")

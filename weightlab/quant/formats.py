@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import QuantizationError
 
-__all__ = ["Format", "get_format", "FORMATS", "NF4_VALUES", "FP4_E2M1_VALUES"]
+__all__ = ["Format", "get_format", "format_for", "FORMATS", "NF4_VALUES", "FP4_E2M1_VALUES"]
 
 # QLoRA's NormalFloat4 levels (quantiles of N(0,1), normalised to [-1, 1], exact zero).
 NF4_VALUES = np.array([
@@ -108,3 +108,10 @@ def get_format(fmt: "str | Format", bits: int | None = None, symmetric: bool | N
     if symmetric is not None and f.kind == "int" and symmetric != f.symmetric:
         f = _int(f.bits, symmetric)
     return f
+
+
+def format_for(fmt: "str | Format", bits: int | None, symmetric: bool | None = None) -> Format:
+    """Like :func:`get_format`, but ``bits`` only sets the width of ``"int"``/``"uint"``: the
+    quantizers take a ``bits`` argument that named formats (``"nf4"``, ``"fp8_e4m3"``) ignore."""
+    generic = isinstance(fmt, str) and fmt.lower() in ("int", "uint")
+    return get_format(fmt, bits if generic else None, symmetric)

@@ -31,10 +31,10 @@ import numpy as np
 
 from .. import tree as wtree
 from ..errors import QuantizationError
-from .formats import Format, get_format
+from .formats import Format, format_for
 from .packing import pack
 from .qarray import QArray, is_qarray
-from .rtn import _scales, encode, resolve_layout, validate_leaf
+from .rtn import _scales, encode, validate_leaf
 
 __all__ = ["gptq_quantize", "gptq", "choose_block"]
 
@@ -140,7 +140,7 @@ def gptq_quantize(w, hessian, *, fmt="uint", bits: int | None = 4, group_size=12
     Default grid: asymmetric int4, groups of 128 (the paper's "4-bit g128"); ``fmt`` may also be
     ``"int"`` (symmetric) or a fixed table format (``"nf4"``, ``"fp4_e2m1"``).
     """
-    fmt = get_format(fmt, bits if str(fmt).lower() in ("int", "uint") else None)
+    fmt = format_for(fmt, bits)
     if fmt.kind == "fp8" or fmt.scale_kind != "float" or (fmt.kind == "lut" and fmt.lut is None):
         raise QuantizationError(f"'{path}': GPTQ supports int and fixed-table formats, not {fmt.name}")
     if np.ndim(w) != 2:
@@ -191,10 +191,11 @@ def gptq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str |
                                 f"({len(missing)} selected weights unreached); select fewer weights")
     if not chosen:
         raise QuantizationError(f"no 2-D weight matches {select_re!r}")
-    for p in chosen:  # validate every layer before doing any work
-        validate_leaf(p, flat[p], get_format(kwargs.get("fmt", "uint"), kwargs.get("bits", 4)
-                                             if str(kwargs.get("fmt", "uint")) in ("int", "uint") else None),
-                      kwargs.get("group_size", 128), kwargs.get("axis", -2))
+    from . import check_quantizable
+
+    for p in chosen:  # validate every layer before doing any work (traced on shapes, see check_quantizable)
+        k = np.shape(flat[p])[kwargs.get("axis", -2)]  # jnp.eye below is traced abstractly: no K x K buffer
+        check_quantizable(p, flat[p], lambda w, p=p, k=k: gptq_quantize(w, jnp.eye(k), path=p, **kwargs))
     targets = [p for p in order if p in set(chosen)]
     cap = Capturer(apply_fn, params, batches[0], select=lambda p: p in set(targets), row_mask=row_mask)
     current = dict(flat)
@@ -215,9 +216,4 @@ def gptq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str |
             q = gptq_quantize(flat[p], st.hessian, path=p, **kw)
         out[p] = q
         current[p] = q.dequantize()
-    return _unflatten_with_qarrays(out, params)
-
-
-def _unflatten_with_qarrays(flat: dict, like):
-    pairs, treedef = wtree.flatten_with_paths(like)
-    return treedef.unflatten([flat[p] for p, _ in pairs])
+    return wtree.from_flat_dict(out, params, check=False)

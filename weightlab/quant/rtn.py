@@ -28,11 +28,11 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import AlreadyQuantizedError, QuantizationError
-from .formats import Format, get_format
+from .formats import Format, format_for
 from .packing import pack
 from .qarray import QArray, grouped_shape, is_qarray
 
-__all__ = ["resolve_layout", "validate_leaf", "quantize_rtn", "encode", "table_nearest"]
+__all__ = ["resolve_layout", "validate_leaf", "check_finite", "quantize_rtn", "encode", "table_nearest"]
 
 
 def resolve_layout(shape, fmt: Format, group_size, axis, path: str = "") -> tuple[int, int]:
@@ -70,10 +70,15 @@ def validate_leaf(path: str, w, fmt: Format, group_size, axis) -> tuple[int, int
         raise QuantizationError(f"'{path}': only float weights can be quantized, found dtype {dt}")
     layout = resolve_layout(tuple(w.shape), fmt, group_size, axis, path)
     if not isinstance(w, jax.core.Tracer):
-        finite = np.isfinite(np.asarray(w, np.float32))
-        if not finite.all():
-            raise QuantizationError(f"'{path}': {int((~finite).sum())} NaN/Inf values; refusing to quantize")
+        check_finite(path, w)
     return layout
+
+
+def check_finite(path: str, w) -> None:
+    """QuantizationError naming the path if a concrete array holds NaN/Inf."""
+    finite = np.isfinite(np.asarray(w, np.float32))
+    if not finite.all():
+        raise QuantizationError(f"'{path}': {int((~finite).sum())} NaN/Inf values; refusing to quantize")
 
 
 def _group(w, axis: int, g: int):
@@ -151,7 +156,7 @@ def build(w, fmt: Format, axis: int, g: int, codes_grouped, stored_scale, zero=N
 def quantize_rtn(w, fmt="int", bits: int | None = 4, group_size="auto", axis=None, *, scale_dtype=jnp.float16,
                  symmetric: bool | None = None, path: str = "") -> QArray:
     """Quantize one array by round-to-nearest. See the module docstring for the formulas."""
-    fmt = get_format(fmt, bits if str(fmt).lower() in ("int", "uint") else None, symmetric)
+    fmt = format_for(fmt, bits, symmetric)
     if fmt.lut is None and fmt.kind == "lut":
         raise QuantizationError(f"'{path}': {fmt.name} learns its table; use weightlab.quant.any4")
     axis, g = validate_leaf(path, w, fmt, group_size, axis)
