@@ -14,20 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import tree as wtree
-from .train import cross_entropy
+from .train import evaluate
 
 __all__ = ["evaluate", "lerp", "InterpolationCurve", "interpolation_curve"]
-
-
-def evaluate(apply_fn: Callable, params, x, y, batch_size: int = 2000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``apply_fn(params, x)`` on integer labels ``y``."""
-    f = jax.jit(lambda p, xb, yb: (cross_entropy(apply_fn(p, xb), yb) * xb.shape[0],
-                                   jnp.sum(jnp.argmax(apply_fn(p, xb), -1) == yb)))
-    loss = correct = 0.0
-    for i in range(0, len(y), batch_size):
-        l, c = f(params, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size]))
-        loss, correct = loss + float(l), correct + float(c)
-    return loss / len(y), correct / len(y)
 
 
 def lerp(a, b, alpha: float):

@@ -6,6 +6,7 @@ minibatches are drawn with ``jax.random`` from an explicit key (reproducible).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["cross_entropy", "accuracy", "fit", "FitResult"]
+__all__ = ["cross_entropy", "evaluate", "accuracy", "fit", "FitResult"]
 
 
 def cross_entropy(logits, labels):
@@ -21,13 +22,25 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def accuracy(apply_fn: Callable, params, x, y, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``apply_fn(params, x)`` on (x, y), evaluated in jitted batches."""
-    f = jax.jit(lambda p, xb: jnp.argmax(apply_fn(p, xb), -1))
-    correct = 0
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_stats(apply_fn, params, xb, yb):
+    logits = apply_fn(params, xb)
+    return cross_entropy(logits, yb) * xb.shape[0], jnp.sum(jnp.argmax(logits, -1) == yb)
+
+
+def evaluate(apply_fn: Callable, params, x, y, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``apply_fn(params, x)`` on integer labels ``y``, in jitted
+    batches (compiled once per ``apply_fn`` and batch shape; one host sync at the end)."""
+    loss = correct = 0.0
     for i in range(0, len(y), batch_size):
-        correct += int(jnp.sum(f(params, jnp.asarray(x[i:i + batch_size])) == jnp.asarray(y[i:i + batch_size])))
-    return correct / len(y)
+        l, c = _batch_stats(apply_fn, params, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size]))
+        loss, correct = loss + l, correct + c
+    return float(loss) / len(y), float(correct) / len(y)
+
+
+def accuracy(apply_fn: Callable, params, x, y, batch_size: int = 2000) -> float:
+    """Top-1 accuracy of ``apply_fn(params, x)`` on (x, y)."""
+    return evaluate(apply_fn, params, x, y, batch_size)[1]
 
 
 class FitResult(NamedTuple):

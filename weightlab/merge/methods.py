@@ -50,7 +50,7 @@ def _check(base, stacked, *, density=None, need_base=True):
     if n == 0:
         raise MergeError("no models to merge")
     if need_base:
-        wtree.check_compatible(base, wtree.unstack(jax.tree.map(lambda x: x[:1], stacked), 1)[0],
+        wtree.check_compatible(base, jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked),
                                names=("base_model", "models"))
     for p, x in wtree.flatten_with_paths(stacked)[0]:
         if wtree.is_array(x) and not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x, np.float32))):
@@ -79,7 +79,7 @@ def generalized_task_arithmetic(base, models, *, weight=1.0, density=1.0, sparsi
     n = _check(base, stacked, density=density)
     w, dens = _per_model(weight, n, "weight"), _per_model(density, n, "density")
     gam, eps = _per_model(gamma, n, "gamma"), _per_model(epsilon, n, "epsilon")
-    norm = {True: "l1", False: None}.get(rescale, rescale) if isinstance(rescale, bool) or rescale is None else rescale
+    norm = "l1" if rescale is True else (None if rescale is False else rescale)  # bool = mergekit's switch
     if sparsification in ("random", "della_magprune") and key is None and np.any(dens < 1):
         raise MergeError(f"{sparsification} sparsification is random: pass key=jax.random.key(...)")
     if sparsification == "della_magprune" and np.any((dens + eps >= 1) | (dens - eps <= 0)) and np.any(dens < 1):

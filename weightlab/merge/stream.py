@@ -14,6 +14,7 @@ tensor name, ``t = i / (L - 1)``; other tensors use ``t = 0`` (as mergekit's pre
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import time
 from pathlib import Path
@@ -44,6 +45,11 @@ class Plan:
     num_layers: int
     warnings: list[str]
     truncate: dict  # tensor name -> rows to keep (vocab mismatch on embeddings)
+
+
+def _floating(dtype) -> bool:
+    """numpy float dtypes and ml_dtypes' bfloat16 (which numpy does not class as floating)."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
 
 
 def _layer_t(name: str, num_layers: int) -> float:
@@ -86,7 +92,7 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
                                     f"{truncate[n]} rows (output keeps {ref0}'s shape, extra rows from {ref0})")
                     continue
                 raise MergeError(f"tensor '{n}': shape {tuple(s)} in {ref} vs {tuple(s0)} in {ref0}")
-            if not (np.issubdtype(d, np.floating) or d == np.dtype(ml_dtypes.bfloat16)) and d != d0:
+            if not _floating(d) and d != d0:
                 raise MergeError(f"tensor '{n}': dtype {d} in {ref} vs {d0} in {ref0}")
     layers = [int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m]
     num_layers = max(layers) + 1 if layers else 1
@@ -124,7 +130,7 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.n
         if any(v is not None for v in vals):
             defaults = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
             per[p] = [defaults[p] if v is None else float(v) for v in vals]
-    accepted = set(fn.__code__.co_varnames[:fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount])
+    accepted = _keywords(fn)
     kw = {k: v for k, v in {**glob, **per}.items() if k in accepted and k not in _IGNORED}
     if "key" in accepted:
         kw["key"] = key
@@ -146,6 +152,10 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.n
     return np.asarray(out["w"])
 
 
+def _keywords(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
 def _freeze(kw: dict):
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
 
@@ -160,7 +170,7 @@ def _compiled(method: str, frozen):
     if ck not in _CACHE:
         fn = M.METHODS[method]
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in frozen}
-        takes_key = "key" in fn.__code__.co_varnames[:fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount]
+        takes_key = "key" in _keywords(fn)
 
         def call(*args):
             *trees, key = args
@@ -205,33 +215,30 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
 
         def out_dt(n):
             d = ref0.dtype(n)
-            floating = np.issubdtype(d, np.floating) or d == np.dtype(ml_dtypes.bfloat16)
-            return (out_dtype or d) if floating else d
+            return (out_dtype or d) if _floating(d) else d
 
         layout = [(n, ref0.shape(n), out_dt(n)) for n in p.names]
         with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
                                 overwrite=overwrite) as w:
             for name in tqdm(p.names, desc="merge", disable=None if progress else True, leave=False):
+                ref_arr = ref0.get(name)
+                if not _floating(ref_arr.dtype):  # integer buffers (position ids ...): copy the reference
+                    w.add(name, ref_arr)
+                    continue
                 rows = p.truncate.get(name)
                 tensors = {}
                 for ref, c in ckpts.items():
-                    a = c.get(name)
-                    if rows is not None:
-                        a = a[:rows]
-                    if np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16):
-                        if not np.all(np.isfinite(a.astype(np.float32))):
-                            raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
+                    a = ref_arr if c is ref0 else c.get(name)
+                    a = a if rows is None else a[:rows]
+                    if not np.all(np.isfinite(a.astype(np.float32))):
+                        raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
                     tensors[ref] = a
-                base_arr = tensors[config.base_model or config.models[0].model]
-                if not (np.issubdtype(base_arr.dtype, np.floating) or base_arr.dtype == np.dtype(ml_dtypes.bfloat16)):
-                    merged = ckpts[config.base_model or config.models[0].model].get(name)  # ints: copy the base
-                else:
-                    merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), tensors, key)
-                    if rows is not None:  # keep the reference model's extra vocabulary rows
-                        full = ckpts[config.base_model or config.models[0].model].get(name).astype(np.float32)
-                        full[:rows] = merged
-                        merged = full
-                    merged = merged.astype(out_dtype or base_arr.dtype)
+                merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), tensors, key)
+                if rows is not None:  # keep the reference model's extra vocabulary rows
+                    full = ref_arr.astype(np.float32)
+                    full[:rows] = merged
+                    merged = full
+                merged = merged.astype(out_dtype or ref_arr.dtype)
                 w.add(name, merged)
             w.close(extra_files={"mergekit_config.yml": config.text})
         echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
