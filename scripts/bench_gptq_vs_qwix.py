@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def import_qwix():
     try:
-        import qwix  # noqa: F401
+        import qwix  # noqa: F401  (probe: is it importable?)
     except ImportError:
         deps = ROOT / ".bench_deps"
         if not (deps / "qwix").exists():

@@ -12,7 +12,6 @@ import pytest
 import safetensors.numpy as st_np
 from safetensors import safe_open
 
-import weightlab as wl
 from weightlab import io as wio
 from weightlab.errors import (CheckpointError, CheckpointNotFoundError, DTypeMismatchError, OutputExistsError,
                               ShapeMismatchError, StructureMismatchError, UnknownDTypeError)

@@ -203,7 +203,6 @@ def test_quantize_transform_on_model_and_selection():
 def test_bad_input_typed_errors_before_work():
     w = jnp.asarray(weights((96, 8)))
     params = {"a": {"kernel": w}, "b": {"kernel": jnp.asarray(weights((100, 8)))}}
-    calls = []
     with pytest.raises(QuantizationError, match=r"'b/kernel'.*group size 32 does not divide"):
         quant.quantize(params, "rtn", bits=4, group_size=32)
     with pytest.raises(QuantizationError, match="2..8 bits"):

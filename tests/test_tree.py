@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import weightlab as wl
 from weightlab import tree as wt
 from weightlab.errors import (DTypeMismatchError, PathCollisionError, ShapeMismatchError,
                               StructureMismatchError)

@@ -7,10 +7,9 @@ and Entezari et al. (2022): ``max_a [L((1-a)·θ_A + a·θ_B) - ((1-a)·L(θ_A) 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import tree as wtree

@@ -15,7 +15,7 @@ trimming over the whole model).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

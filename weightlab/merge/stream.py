@@ -26,7 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MergeError
-from ..io.safetensors import Checkpoint, PlannedShardWriter
+from ..io.safetensors import Checkpoint
+from ..io.shards import PlannedShardWriter
 from . import methods as M
 from .config import MergeConfig, _IGNORED, _PER_MODEL, _RENAME
 

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,6 @@ The sweep is independent per output column given U, so W sharded along outputs o
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Any, Callable, Iterable
 
@@ -33,7 +32,7 @@ from .. import tree as wtree
 from ..errors import QuantizationError
 from .formats import Format, format_for
 from .packing import pack
-from .qarray import QArray, is_qarray
+from .qarray import QArray
 from .rtn import _scales, encode, validate_leaf
 
 __all__ = ["gptq_quantize", "gptq", "choose_block"]
