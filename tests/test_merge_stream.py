@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -85,6 +87,28 @@ def test_stream_merge_equals_in_memory_merge(tmp_path, ckpts):
         want = merge.ties({name: base[name]}, {name: np.stack([a[name], b[name]])}, weight=[1.0, 0.5],
                           density=[da, db], lambda_=0.9, normalize=True)[name]
         np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("method,params,fn", [
+    ("nuslerp", "      weight: 0.3\n", lambda b, s: merge.nuslerp(s, weight=[0.3, 0.3], base=b)),
+    ("multislerp", "      weight: 1.0\n", lambda b, s: merge.multislerp(s, weight=[1.0, 1.0], base=b)),
+    ("ram", "", lambda b, s: merge.ram(b, s)),
+    ("tsv_m", "", lambda b, s: merge.tsv_m(b, s)),
+    ("wudi", "", lambda b, s: merge.wudi(b, s, input_axis=1)),
+    ("arcee_fusion", "", lambda b, s: merge.arcee_fusion(b, jax.tree.map(lambda x: x[0], s))),
+])
+def test_stream_more_methods_equal_in_memory(tmp_path, ckpts, method, params, fn):
+    models = ["a"] if method == "arcee_fusion" else ["a", "b"]
+    text = f"merge_method: {method}\nbase_model: {tmp_path / 'base'}\nmodels:\n" + "".join(
+        f"  - model: {tmp_path / m}\n" + (f"    parameters:\n{params}" if params else "") for m in models)
+    from weightlab.merge.stream import run_merge
+    run_merge(parse_config(text), tmp_path / "o", progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(tmp_path / "o")
+    base = ckpts["base"][1]
+    for name in ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]:
+        stacked = {name: np.stack([ckpts[m][1][name] for m in models])}
+        want = fn({name: base[name]}, stacked)[name]
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5, err_msg=f"{method} {name}")
 
 
 def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):

@@ -9,14 +9,20 @@ paper; DARE rescale by L1 match (mergekit) by default, ``rescale="inverse"`` for
 Data-driven: :func:`fisher_merge` with :func:`diagonal_fisher` (any ``apply_fn``), :func:`regmean`
 (Gram matrices from the traced calibration capture). YAML/streaming: :mod:`.config`, :mod:`.stream`.
 :func:`adamerging` learns task- or layer-wise coefficients by entropy minimisation (jax.grad + optax).
-Not yet here (see the merge issue): TSV/Iso, LoRA-native merges,
-nuslerp/multislerp/arcee_fusion/ram.
+More mergekit methods: :func:`nuslerp`, :func:`multislerp` (:mod:`.spherical`); :func:`arcee_fusion`,
+:func:`ram`, :func:`ramplus_tl` (:mod:`.masking`). Beyond mergekit: MagMax, TALL masks/consensus, EMR
+and PCB (:mod:`.masking`), TSV-M, Iso-C/Iso-CTS and WUDI (:mod:`.subspace`), OPCM continual merging
+(:mod:`.continual`).
 """
 
 from . import steps
 from .adamerging import AdaMergingResult, adamerging, merge_with
 from .fisher import diagonal_fisher, fisher_merge
 from .regmean import regmean, regmean_from_grams
+from .continual import OPCMState, opcm, opcm_init, opcm_update
+from .masking import EMRResult, arcee_fusion, consensus, emr, magmax, pcb, ram, ramplus_tl, tall_masks
+from .spherical import multislerp, nuslerp
+from .subspace import iso_c, iso_cts, tsv_m, wudi
 from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
                       generalized_task_arithmetic, karcher, linear, model_stock, nearswap, passthrough, sce, slerp,
                       task_arithmetic, ties)
@@ -24,4 +30,6 @@ from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_
 __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
            "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
            "karcher", "model_stock", "passthrough", "diagonal_fisher", "fisher_merge", "regmean", "regmean_from_grams",
-           "adamerging", "AdaMergingResult", "merge_with"]
+           "adamerging", "AdaMergingResult", "merge_with", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
+           "magmax", "tall_masks", "consensus", "emr", "EMRResult", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi",
+           "opcm", "opcm_init", "opcm_update", "OPCMState"]

@@ -15,31 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from . import methods as M
+from .registry import SPECS
 
 __all__ = ["MergeConfig", "load_config", "parse_config", "evaluate_setting", "method_parameters"]
 
 # mergekit parameter name -> our keyword; "int8_mask" only changes mergekit's memory use.
 _RENAME = {"lambda": "lambda_"}
 _IGNORED = {"int8_mask"}
-_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 
 
 def method_parameters(method: str) -> set[str]:
     """Parameter names (mergekit spelling) a method accepts."""
-    if method not in M.METHODS:
-        raise MergeError(f"unknown merge_method {method!r}; known: {sorted(M.METHODS)}")
-    fn = M.METHODS[method]
-    names = {p for p, v in inspect.signature(fn).parameters.items() if v.kind == v.KEYWORD_ONLY}
-    if "lambda_" in names:
-        names = (names - {"lambda_"}) | {"lambda"}
-    return (names - {"key"}) | _IGNORED
+    if method not in SPECS:
+        raise MergeError(f"unknown merge_method {method!r}; known: {sorted(SPECS)}")
+    return SPECS[method].parameters | _IGNORED
 
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0) -> Any:
@@ -145,8 +139,8 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     method = data.get("merge_method")
     if method is None:
         raise MergeError(f"{source}: missing 'merge_method'")
-    if method not in M.METHODS:
-        raise MergeError(f"{where('merge_method')}: unknown merge_method {method!r}; known: {sorted(M.METHODS)}")
+    if method not in SPECS:
+        raise MergeError(f"{where('merge_method')}: unknown merge_method {method!r}; known: {sorted(SPECS)}")
     allowed = method_parameters(method)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -174,8 +168,12 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
             if any(not 0 < float(v) <= 1 for v in vals):
                 raise MergeError(f"{source}:{line}: density must be in (0, 1], got {d!r}")
         entries.append(ModelEntry(str(m["model"]), dict(mp), line))
+    if method == "nuslerp":  # mergekit requires a weight per model
+        for e in entries:
+            if "weight" not in e.parameters and "weight" not in params:
+                raise MergeError(f"{source}:{e.line}: nuslerp needs a 'weight' for every model")
     base = data.get("base_model")
-    needs_base = method not in ("linear", "karcher", "passthrough")
+    needs_base = SPECS[method].kind in ("base", "pair")
     if needs_base and not base:
         raise MergeError(f"{source}: merge_method {method} needs a base_model")
     return MergeConfig(method, str(base) if base else None, entries, dict(params), data.get("dtype"),

@@ -28,15 +28,13 @@ import numpy as np
 from ..errors import MergeError
 from ..io.safetensors import Checkpoint
 from ..io.shards import PlannedShardWriter
-from . import methods as M
-from .config import MergeConfig, _IGNORED, _PER_MODEL, _RENAME
+from .config import MergeConfig, _IGNORED, _RENAME
+from .registry import SPECS
 
 __all__ = ["Plan", "plan", "run_merge"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _EMBED = re.compile(r"(embed|wte|word_embeddings|lm_head|output\.weight$)")
-_NO_BASE = {"linear", "karcher", "passthrough"}
-_PAIR = {"slerp", "nearswap"}
 
 
 @dataclasses.dataclass
@@ -98,8 +96,10 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
     layers = [int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m]
     num_layers = max(layers) + 1 if layers else 1
     n_models = len([m for m in config.models if m.model != config.base_model])
-    if config.method in _PAIR and n_models != 1:
+    if SPECS[config.method].kind == "pair" and n_models != 1:
         raise MergeError(f"{config.method} merges base_model with exactly one other model, got {n_models}")
+    if config.method == "nuslerp" and n_models != 2:
+        raise MergeError(f"nuslerp merges exactly two models (plus an optional base_model), got {n_models}")
     if config.method == "model_stock" and n_models < 2:
         raise MergeError("model_stock needs at least two models besides base_model")
     return Plan(config, names, num_layers, warnings, truncate)
@@ -117,37 +117,37 @@ def _dtype(name):
 
 def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.ndarray], key) -> np.ndarray:
     method = cfg.method
-    fn = M.METHODS[method]
+    spec = SPECS[method]
     others = [m.model for m in cfg.models if m.model != cfg.base_model]
-    used = [m.model for m in cfg.models] if method in _NO_BASE else others
-    glob = {}
-    for p in ("lambda", "normalize", "rescale", "t", "select_topk", "filter_wise", "max_iter", "tol"):
-        v = cfg.parameter(p, name, t)
-        if v is not None:
-            glob[_RENAME.get(p, p)] = v
-    per = {}
-    for p in _PER_MODEL:
-        vals = [cfg.parameter(p, name, t, model=m) for m in used]
-        if any(v is not None for v in vals):
-            defaults = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
-            per[p] = [defaults[p] if v is None else float(v) for v in vals]
-    accepted = _keywords(fn)
-    kw = {k: v for k, v in {**glob, **per}.items() if k in accepted and k not in _IGNORED}
-    if "key" in accepted:
-        kw["key"] = key
-    key_kw = kw.pop("key", None)
-    if key_kw is not None:  # per-tensor key from the name; inside, the tree has the fixed key "w"
+    used = [m.model for m in cfg.models] if spec.kind == "nobase" else others
+    accepted = spec.parameters
+    kw = {}
+    defaults = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+    for p in accepted - _IGNORED:
+        if p in spec.per_model:
+            vals = [cfg.parameter(p, name, t, model=m) for m in used]
+            if any(v is not None for v in vals):
+                kw[p] = [defaults.get(p, 1.0) if v is None else float(v) for v in vals]
+        else:
+            v = cfg.parameter(p, name, t)
+            if v is not None:
+                kw[_RENAME.get(p, p)] = v
+    kw.update(dict(spec.fixed))
+    key_kw = None
+    if "key" in _keywords(spec.fn):  # per-tensor key from the name; inside, the tree has the fixed key "w"
         from .. import tree as wtree
 
-        key_kw = wtree.leaf_key(key_kw, name, "stream")
+        key_kw = wtree.leaf_key(key, name, "stream")
     fn_j = _compiled(method, _freeze(kw))
     tree = lambda a: {"w": jnp.asarray(a, jnp.float32)}
     stack = lambda refs: {"w": jnp.stack([jnp.asarray(tensors[r], jnp.float32) for r in refs])}
-    if method in _NO_BASE:
+    if spec.kind == "nobase":
         refs = [m.model for m in cfg.models]
         out = fn_j(stack(refs), key_kw) if method != "passthrough" else tree(tensors[refs[0]])
-    elif method in _PAIR:
+    elif spec.kind == "pair":
         out = fn_j(tree(tensors[cfg.base_model]), tree(tensors[others[0]]), key_kw)
+    elif spec.kind == "opt":
+        out = fn_j(stack(others), tree(tensors[cfg.base_model]) if cfg.base_model else None, key_kw)
     else:
         out = fn_j(tree(tensors[cfg.base_model]), stack(others), key_kw)
     return np.asarray(out["w"])
@@ -169,13 +169,16 @@ def _compiled(method: str, frozen):
     per shape, so a transformer compiles a handful of times, not once per tensor)."""
     ck = (method, frozen)
     if ck not in _CACHE:
-        fn = M.METHODS[method]
+        spec = SPECS[method]
+        fn = spec.fn
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in frozen}
         takes_key = "key" in _keywords(fn)
 
         def call(*args):
             *trees, key = args
             extra = {"key": key} if takes_key and key is not None else {}
+            if spec.kind == "opt":
+                return fn(trees[0], base=trees[1], **kw, **extra)
             return fn(*trees, **kw, **extra)
 
         _CACHE.clear() if len(_CACHE) > 256 else None

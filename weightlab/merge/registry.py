@@ -1,0 +1,63 @@
+"""The merge methods the YAML engine knows, with how each is called and which of its parameters are
+per model. mergekit's methods keep mergekit's names; the others (marked ``extra``) are weightlab
+extensions that work tensor by tensor and so stream as well.
+
+Call conventions (``kind``):
+``base``   fn(base, stacked_models, **kw)   most task-vector methods;
+``pair``   fn(base, other, **kw)            exactly one model besides the base;
+``nobase`` fn(stacked_models, **kw)         linear, karcher, passthrough (base counts as a model);
+``opt``    fn(stacked_models, base=..., **kw) nuslerp / multislerp (base optional).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+from . import masking, methods, spherical, subspace
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    fn: Callable
+    kind: str
+    per_model: frozenset = frozenset()
+    fixed: tuple = ()          # keyword arguments the streaming engine always passes
+    extra: bool = False        # not a mergekit method
+
+    @property
+    def parameters(self) -> set[str]:
+        """Keyword parameter names, mergekit spelling (``lambda``)."""
+        names = {p for p, v in inspect.signature(self.fn).parameters.items()
+                 if v.kind == v.KEYWORD_ONLY and p not in ("key", "base", "scope", "exclude")}
+        names -= {k for k, _ in self.fixed}
+        return (names - {"lambda_"}) | {"lambda"} if "lambda_" in names else names
+
+
+_GTA = frozenset({"weight", "density", "gamma", "epsilon"})
+SPECS: dict[str, MethodSpec] = {
+    **{n: MethodSpec(getattr(methods, n), "base", _GTA)
+       for n in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                 "della_linear")},
+    "sce": MethodSpec(methods.sce, "base"),
+    "model_stock": MethodSpec(methods.model_stock, "base"),
+    "linear": MethodSpec(methods.linear, "nobase", frozenset({"weight"})),
+    "karcher": MethodSpec(methods.karcher, "nobase", frozenset({"weight"})),
+    "passthrough": MethodSpec(methods.passthrough, "nobase"),
+    "slerp": MethodSpec(methods.slerp, "pair"),
+    "nearswap": MethodSpec(methods.nearswap, "pair"),
+    "arcee_fusion": MethodSpec(masking.arcee_fusion, "pair"),
+    "nuslerp": MethodSpec(spherical.nuslerp, "opt", frozenset({"weight"})),
+    "multislerp": MethodSpec(spherical.multislerp, "opt", frozenset({"weight"})),
+    "ram": MethodSpec(masking.ram, "base"),
+    "ramplus_tl": MethodSpec(masking.ramplus_tl, "base"),
+    # weightlab extensions (per tensor, so they stream; HF weights are (out, in))
+    "magmax": MethodSpec(masking.magmax, "base", extra=True),
+    "consensus": MethodSpec(masking.consensus, "base", extra=True),
+    "tsv_m": MethodSpec(subspace.tsv_m, "base", frozenset({"weight"}), extra=True),
+    "iso_c": MethodSpec(subspace.iso_c, "base", frozenset({"weight"}), extra=True),
+    "iso_cts": MethodSpec(subspace.iso_cts, "base", frozenset({"weight"}), extra=True),
+    "wudi": MethodSpec(subspace.wudi, "base", frozenset({"weight"}), fixed=(("input_axis", 1),), extra=True),
+    "pcb": MethodSpec(masking.pcb, "base", frozenset({"weight"}), fixed=(("scope", "tensor"),), extra=True),
+}

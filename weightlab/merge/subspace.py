@@ -1,0 +1,154 @@
+"""Merges that act on the singular structure of each weight matrix: TSV-M, Iso-C, Iso-CTS, WUDI.
+
+Every 2-D array leaf not matched by ``exclude`` (a path regex / list / predicate, as
+:func:`weightlab.tree.predicate`) is treated as a matrix; other leaves (biases, norms, conv kernels)
+get the mean of the task vectors, as the FusionBench reference implementations do. The result is
+``base + lambda_ * merged``.
+
+* :func:`tsv_m` (Gargiulo et al., CVPR 2025, "Task Singular Vectors"): each task keeps its top
+  ``floor(r / N)`` singular triplets (r = min(m, n)); the concatenated U's and V's are
+  orthogonalised by their polar factor (U = P Q^T from the SVD P S Q^T), and the merged matrix is
+  ``U_perp diag(s) V_perp^T``. ``weight`` scales each task vector before the SVD.
+* :func:`iso_c` (Marczak et al., ICML 2025, "No Task Left Behind"): SVD of the summed task vector
+  with every singular value replaced by their mean (a flat, "isotropic" spectrum).
+* :func:`iso_cts`: the same with a common subspace (top ``common_space_fraction`` of the sum's
+  singular vectors) plus, per task, the top directions of its residual orthogonal to that subspace;
+  bases orthogonalised as in TSV-M, spectrum set to the mean of the gathered singular values.
+* :func:`wudi` (Cheng et al., ICML 2025, "Whoever Started the Interference Should End It"):
+  data-free; per matrix, minimise ``sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2`` over
+  ``tau_m`` (Adam from ``sum_i tau_i``), where the product contracts the *input* axis: the task
+  vectors' rows stand in for the inputs that layer sees. ``input_axis=0`` for Flax ``(in, out)``
+  kernels (default), ``1`` for PyTorch/HF ``(out, in)`` weights. Note lr is in weight units, so the
+  reference's 1e-5 suits large models whose task vectors are ~1e-3; scale it to yours.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import tree as wtree
+from ..errors import MergeError
+from .methods import _check, _per_model, _stacked
+
+__all__ = ["tsv_m", "iso_c", "iso_cts", "wudi"]
+
+
+def _svd(x):
+    return jnp.linalg.svd(x, full_matrices=False)
+
+
+def _polar(x):
+    """Nearest matrix with orthonormal columns (Procrustes): U V^T of the thin SVD."""
+    u, _, vt = _svd(x)
+    return u @ vt
+
+
+def _run(base, models, matrix_fn, *, weight=1.0, lambda_=1.0, exclude=None):
+    stacked = _stacked(models)
+    n = _check(base, stacked)
+    w = jnp.asarray(_per_model(weight, n, "weight"), jnp.float32)
+    skip = wtree.predicate(exclude) if exclude is not None else (lambda p, x: False)
+
+    def one(path, b, s):
+        if not wtree.is_array(b):
+            return b
+        b32 = b.astype(jnp.float32)
+        tau = (s.astype(jnp.float32) - b32[None]) * w.reshape((n,) + (1,) * b.ndim)
+        if b.ndim == 2 and not skip(path, b):
+            merged = matrix_fn(tau)
+        else:
+            merged = jnp.mean(tau, axis=0)
+        return (b32 + lambda_ * merged).astype(b.dtype)
+
+    return wtree.map_with_path(one, base, stacked)
+
+
+@jax.jit
+def _tsv_matrix(tau):
+    n, r = tau.shape[0], min(tau.shape[1:])
+    k = r // n
+    u, s, vt = jax.vmap(_svd)(tau)  # (n, m, r), (n, r), (n, r, d)
+    m, d = tau.shape[1], tau.shape[2]
+    us = jnp.zeros((m, r), tau.dtype).at[:, :n * k].set(jnp.moveaxis(u[:, :, :k], 0, 1).reshape(m, n * k))
+    ss = jnp.zeros((r,), tau.dtype).at[:n * k].set(s[:, :k].reshape(-1))
+    vs = jnp.zeros((r, d), tau.dtype).at[:n * k].set(vt[:, :k].reshape(n * k, d))
+    return (_polar(us) * ss) @ _polar(vs.T).T
+
+
+def tsv_m(base, models, *, weight=1.0, lambda_: float = 1.0, exclude=None):
+    """TSV-Merge: per-task low-rank SVD pieces, decorrelated and summed (see module docstring)."""
+    return _run(base, models, _tsv_matrix, weight=weight, lambda_=lambda_, exclude=exclude)
+
+
+@jax.jit
+def _iso_matrix(tau):
+    u, s, vt = _svd(jnp.sum(tau, axis=0))
+    return (u * jnp.mean(s)) @ vt
+
+
+def iso_c(base, models, *, weight=1.0, lambda_: float = 1.0, exclude=None):
+    """Iso-C: the summed task vector with a flat singular spectrum (mean singular value)."""
+    return _run(base, models, _iso_matrix, weight=weight, lambda_=lambda_, exclude=exclude)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _iso_cts_matrix(tau, common_space_fraction):
+    n, r = tau.shape[0], min(tau.shape[1:])
+    common = int(r * common_space_fraction)
+    per_task = round((r - common) / n)
+    common = r - per_task * n
+    if common < 0 or per_task < 0:
+        raise MergeError(f"iso_cts: cannot split rank {r} among {n} tasks")
+    u, s, vt = _svd(jnp.sum(tau, axis=0))
+    uc, sc, vc = u[:, :common], s[:common], vt[:common]
+    resid = tau - jnp.einsum("ij,kj,nkl->nil", uc, uc, tau)
+    ut, st, vtt = jax.vmap(_svd)(resid)
+    m, d = tau.shape[1:]
+    uu = jnp.concatenate([jnp.moveaxis(ut[:, :, :per_task], 0, 1).reshape(m, n * per_task), uc], axis=1)
+    ss = jnp.concatenate([st[:, :per_task].reshape(-1), sc])
+    vv = jnp.concatenate([vtt[:, :per_task].reshape(n * per_task, d), vc], axis=0)
+    return (_polar(uu) * jnp.mean(ss)) @ _polar(vv.T).T
+
+
+def iso_cts(base, models, *, common_space_fraction: float = 0.8, weight=1.0, lambda_: float = 1.0, exclude=None):
+    """Iso-CTS: isotropic merge of a common subspace plus task-specific residual directions."""
+    if not 0 <= common_space_fraction <= 1:
+        raise MergeError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+    return _run(base, models, lambda t: _iso_cts_matrix(t, float(common_space_fraction)), weight=weight,
+                lambda_=lambda_, exclude=exclude)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _wudi_matrix(tau, input_axis, steps, lr):
+    t = tau if input_axis == 1 else jnp.swapaxes(tau, 1, 2)  # (n, out, in)
+    norms = jnp.sum(t.reshape(t.shape[0], -1) ** 2, axis=1)
+    norms = jnp.where(norms == 0, 1.0, norms)
+
+    def loss(m):
+        prod = jnp.einsum("noi,npi->nop", m[None] - t, t)
+        return jnp.sum(jnp.sum(prod ** 2, axis=(1, 2)) / norms)
+
+    opt = optax.adam(lr)
+    m0 = jnp.sum(t, axis=0)
+
+    def step(carry, _):
+        m, st = carry
+        g = jax.grad(loss)(m)
+        upd, st = opt.update(g, st, m)
+        return (optax.apply_updates(m, upd), st), None
+
+    (m, _), _ = jax.lax.scan(step, (m0, opt.init(m0)), None, length=steps)
+    return m if input_axis == 1 else m.T
+
+
+def wudi(base, models, *, steps: int = 300, lr: float = 1e-5, input_axis: int = 0, weight=1.0,
+         lambda_: float = 1.0, exclude=None):
+    """WUDI-merging: per matrix, the task vector that least disturbs every task's input subspace."""
+    if input_axis not in (0, 1):
+        raise MergeError(f"input_axis must be 0 (Flax (in, out) kernels) or 1 ((out, in) weights), got {input_axis}")
+    return _run(base, models, lambda t: _wudi_matrix(t, input_axis, int(steps), float(lr)), weight=weight,
+                lambda_=lambda_, exclude=exclude)
