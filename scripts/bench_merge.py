@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,17 +29,19 @@ import numpy as np
 from weightlab import io
 
 WRAP = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:], "
-        "capture_output=True, text=True); dt = time.time() - t; "
+        "capture_output=True, text=True); dt = time.time() - t; print(r.stdout[-3000:]); "
         "print('RESULT', r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
         "sys.stderr.write(r.stderr[-3000:])")
 
 
 def measure(cmd):
+    """(wall seconds, peak RSS MiB, engine seconds or None) of one command run in a fresh process."""
     r = subprocess.run([sys.executable, "-c", WRAP] + cmd, capture_output=True, text=True)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")][-1].split()
     if int(line[1]) != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{r.stderr}")
-    return float(line[2]), int(line[3]) / 1024  # seconds, MiB
+    m = re.search(r"wrote .* in ([0-9.]+)s", r.stdout)
+    return float(line[2]), int(line[3]) / 1024, float(m.group(1)) if m else None
 
 
 def make_models(root: Path, mb: int):
@@ -100,22 +103,24 @@ def main():
                    "dtype: float32\n")
             (root / f"{method}.yml").write_text(cfg)
             ours, theirs = root / f"wl_{method}", root / f"mk_{method}"
-            t_wl, rss_wl = measure([sys.executable, "-m", "weightlab.cli", "merge", str(root / f"{method}.yml"),
+            t_wl, rss_wl, engine_wl = measure([sys.executable, "-m", "weightlab.cli", "merge", str(root / f"{method}.yml"),
                                     str(ours)])
-            t_mk, rss_mk = measure([args.mergekit, str(root / f"{method}.yml"), str(theirs), "--lazy-unpickle",
+            t_mk, rss_mk, _ = measure([args.mergekit, str(root / f"{method}.yml"), str(theirs), "--lazy-unpickle",
                                     "--out-shard-size", "512M"])
             a, b = io.open_checkpoint(ours), io.open_checkpoint(theirs)
             diffs = [np.abs(a[n].astype(np.float64) - b[n].astype(np.float64)) for n in a.keys()]
             diff = max(float(x.max()) for x in diffs)
             frac = sum(int((x > 1e-6).sum()) for x in diffs) / sum(x.size for x in diffs)
             n_in = 2 if method == "linear" else 3
+            moved = (n_in + 1) * in_bytes / 1e9
             print(json.dumps({
                 "bench": "merge_vs_mergekit", "method": method, "layers": layers, "input_GB": round(n_in * in_bytes / 1e9, 2),
                 "weightlab_s": round(t_wl, 1), "mergekit_s": round(t_mk, 1), "speedup": round(t_mk / t_wl, 2),
                 "weightlab_peak_MiB": round(rss_wl), "mergekit_peak_MiB": round(rss_mk),
                 "memory_ratio": round(rss_wl / rss_mk, 2), "max_abs_diff": diff, "frac_elements_differing": frac,
-                "throughput_GBps": round((n_in + 1) * in_bytes / t_wl / 1e9, 2), "copy_GBps": round(bw, 2),
-                "throughput_vs_copy": round((n_in + 1) * in_bytes / t_wl / 1e9 / bw, 3)}), flush=True)
+                "weightlab_engine_s": engine_wl,
+                "throughput_GBps": round(moved / t_wl, 2), "engine_throughput_GBps": round(moved / engine_wl, 2),
+                "memcpy_GBps": round(bw, 2), "engine_vs_memcpy": round(moved / engine_wl / bw, 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,27 @@ def test_stream_more_methods_equal_in_memory(tmp_path, ckpts, method, params, fn
         np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5, err_msg=f"{method} {name}")
 
 
+def test_stream_global_ties_statistics_pass_equals_in_memory(tmp_path, ckpts):
+    """scope: global runs a statistics pass (two histogram sweeps) so trimming uses one cut-off per
+    model over the whole checkpoint, equal to the in-memory global TIES."""
+    text = (f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+            f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+            f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5, density: 0.6}}\n"
+            "parameters:\n  scope: global\n")
+    from weightlab.merge.stream import run_merge
+    run_merge(parse_config(text), tmp_path / "g", progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(tmp_path / "g")
+    base, a, b = (ckpts[n][1] for n in ("base", "a", "b"))
+    want = merge.ties(base, [a, b], weight=[1.0, 0.5], density=[0.3, 0.6], scope="global")
+    for name in base:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    per_tensor = merge.ties(base, [a, b], weight=[1.0, 0.5], density=[0.3, 0.6])
+    assert any(not np.allclose(got[n], per_tensor[n]) for n in base)
+    bad = text.replace("density: 0.3", "density: [0.3, 0.5]")
+    with pytest.raises(MergeError, match="one density per model"):
+        run_merge(parse_config(bad), tmp_path / "g2", progress=False, echo=lambda s: None)
+
+
 def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):
     cfg = tmp_path / "c.yml"
     cfg.write_text(cfg_text(tmp_path, "dare_ties", "dtype: bfloat16\n"))

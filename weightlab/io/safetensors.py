@@ -156,23 +156,7 @@ class SafetensorsFile:
         a read-only zero-copy view of a memory map instead (valid until :meth:`close`)."""
         dt, shape, b, e = self._entry(name)
         if copy:
-            out = np.empty(shape, dt)
-            buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
-            if buf is not None:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    got, pos = 0, self._data_start + b
-                    while got < e - b:
-                        n = os.preadv(fd, [buf[got:]], pos + got)
-                        if n <= 0:
-                            raise CheckpointError(f"{self.path}: tensor '{name}' truncated while reading")
-                        got += n
-                finally:
-                    os.close(fd)
-            if dt.byteorder == ">":  # pragma: no cover - big-endian hosts
-                out = out.byteswap().view(dt.newbyteorder("<"))
-            self.bytes_read += e - b
-            return out
+            return self.read_into(name, np.empty(shape, dt))
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self._size else None
@@ -185,6 +169,32 @@ class SafetensorsFile:
             arr = arr.astype(dt) if (copy or arr.dtype != dt) else arr
         self.bytes_read += e - b
         return arr
+
+    def read_into(self, name: str, buf: np.ndarray) -> np.ndarray:
+        """Read the tensor into the start of ``buf`` (any contiguous array with enough bytes, e.g. a
+        buffer reused across tensors, which avoids fresh page faults per tensor); returns the tensor as
+        a view of ``buf``."""
+        dt, shape, b, e = self._entry(name)
+        raw = buf.reshape(-1).view(np.uint8)
+        if raw.nbytes < e - b:
+            raise ValueError(f"'{name}': buffer of {raw.nbytes} bytes, tensor needs {e - b}")
+        view = raw[:e - b]
+        if e > b:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got, pos, mv = 0, self._data_start + b, memoryview(view)
+                while got < e - b:
+                    n = os.preadv(fd, [mv[got:]], pos + got)
+                    if n <= 0:
+                        raise CheckpointError(f"{self.path}: tensor '{name}' truncated while reading")
+                    got += n
+            finally:
+                os.close(fd)
+        out = view.view(dt).reshape(shape)
+        if dt.byteorder == ">":  # pragma: no cover - big-endian hosts
+            out = out.byteswap().view(dt.newbyteorder("<"))
+        self.bytes_read += e - b
+        return out
 
     __getitem__ = get
 
@@ -282,6 +292,9 @@ class Checkpoint:
 
     def get(self, name: str, *, copy: bool = True) -> np.ndarray:
         return self._file(name).get(name, copy=copy)
+
+    def read_into(self, name: str, buf: np.ndarray) -> np.ndarray:
+        return self._file(name).read_into(name, buf)
 
     __getitem__ = get
 

@@ -72,8 +72,12 @@ def _lambda(lambda_, kw):
 
 def generalized_task_arithmetic(base, models, *, weight=1.0, density=1.0, sparsification=None, consensus=None,
                                 normalize=False, rescale=None, lambda_=1.0, gamma=0.01, epsilon=0.15, key=None,
-                                scope: str = "tensor", **kw):
-    """task vectors -> sparsify -> weight -> (sign election) -> combine -> x lambda -> + base."""
+                                scope: str = "tensor", threshold=None, **kw):
+    """task vectors -> sparsify -> weight -> (sign election) -> combine -> x lambda -> + base.
+
+    ``threshold``: per-model magnitude cut-offs (N,) for ``magnitude`` sparsification, used instead
+    of per-tensor top-k (entries with |delta| >= threshold are kept; the streaming engine computes
+    them on the host, per tensor or over the whole model)."""
     lambda_ = _lambda(lambda_, kw)
     stacked = _stacked(models)
     n = _check(base, stacked, density=density)
@@ -86,8 +90,8 @@ def generalized_task_arithmetic(base, models, *, weight=1.0, density=1.0, sparsi
         raise MergeError("epsilon must keep density +- epsilon inside (0, 1)")
     if scope not in ("tensor", "global"):
         raise MergeError(f"scope must be 'tensor' or 'global', got {scope!r}")
-    thresholds = None
-    if scope == "global" and sparsification == "magnitude":
+    thresholds = None if threshold is None else jnp.asarray(threshold, jnp.float32).reshape(n)
+    if scope == "global" and sparsification == "magnitude" and thresholds is None:
         deltas = [s - b[None] for (p, b), s in zip(wtree.flatten_with_paths(base)[0], jax.tree.leaves(stacked))
                   if wtree.is_array(b)]
         thresholds = jnp.stack([steps.global_thresholds([d[i:i + 1] for d in deltas], dens[i])[0] for i in range(n)])
@@ -183,7 +187,7 @@ def linear(models, *, weight=1.0, normalize=True):
         if not wtree.is_array(s):
             return s
         wb = w.reshape((n,) + (1,) * (s.ndim - 1))
-        r = jnp.sum(wb * s.astype(jnp.float32), axis=0)
+        r = steps.model_sum(wb * s.astype(jnp.float32))
         return (r / jnp.sum(w) if normalize else r).astype(s.dtype)
 
     return jax.tree.map(one, stacked)
@@ -212,7 +216,7 @@ def sce(base, models, *, select_topk=1.0, **kw):
         tot = jnp.sum(wts)
         wts = jnp.where(jnp.abs(tot) < 1e-6, jnp.ones_like(wts) / n, wts / jnp.where(tot == 0, 1, tot))
         ew = wts.reshape((n,) + (1,) * (tv.ndim - 1)) * erase
-        merged = jnp.sum(tv * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+        merged = steps.model_sum(tv * ew) / jnp.maximum(steps.model_sum(ew), 1e-6)
         return (b.astype(jnp.float32) + merged).astype(b.dtype)
 
     return jax.tree.map(one, base, stacked)

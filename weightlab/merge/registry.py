@@ -25,20 +25,22 @@ class MethodSpec:
     per_model: frozenset = frozenset()
     fixed: tuple = ()          # keyword arguments the streaming engine always passes
     extra: bool = False        # not a mergekit method
+    magnitude: bool = False    # top-k magnitude trimming: cut-offs computed on the host when streaming
 
     @property
     def parameters(self) -> set[str]:
         """Keyword parameter names, mergekit spelling (``lambda``)."""
         names = {p for p, v in inspect.signature(self.fn).parameters.items()
-                 if v.kind == v.KEYWORD_ONLY and p not in ("key", "base", "scope", "exclude")}
+                 if v.kind == v.KEYWORD_ONLY and p not in ("key", "base", "exclude", "threshold")}
         names -= {k for k, _ in self.fixed}
         return (names - {"lambda_"}) | {"lambda"} if "lambda_" in names else names
 
 
 _GTA = frozenset({"weight", "density", "gamma", "epsilon"})
 SPECS: dict[str, MethodSpec] = {
+    "ties": MethodSpec(methods.ties, "base", _GTA, magnitude=True),
     **{n: MethodSpec(getattr(methods, n), "base", _GTA)
-       for n in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+       for n in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear")},
     "sce": MethodSpec(methods.sce, "base"),
     "model_stock": MethodSpec(methods.model_stock, "base"),

@@ -27,8 +27,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["magnitude_mask", "outlier_mask", "bernoulli_mask", "della_mask", "rescale", "sparsify",
+__all__ = ["model_sum", "magnitude_mask", "outlier_mask", "bernoulli_mask", "della_mask", "rescale", "sparsify",
            "consensus_mask", "combine", "global_thresholds"]
+
+
+def model_sum(x):
+    """Sum over the leading (model) axis as an unrolled chain of adds for up to 16 models: XLA on CPU
+    runs a reduction over a short leading axis ~8x slower than the same adds fused elementwise."""
+    if x.shape[0] > 16:
+        return jnp.sum(x, axis=0)
+    out = x[0]
+    for i in range(1, x.shape[0]):
+        out = out + x[i]
+    return out
 
 
 def _per_model(x, fn):
@@ -162,7 +173,7 @@ def sparsify(delta, method, density, *, keys=None, gamma: float = 0.01, epsilon:
 def consensus_mask(weighted, method: str = "sum"):
     """Entries whose sign agrees with the elected sign (TIES)."""
     sign = jnp.sign(weighted)
-    total = jnp.sum(weighted, axis=0) if method == "sum" else jnp.sum(sign, axis=0)
+    total = model_sum(weighted) if method == "sum" else model_sum(sign)
     if method not in ("sum", "count"):
         raise ValueError(f"unknown consensus method {method!r}")
     elected = jnp.where(total >= 0, 1.0, -1.0)
@@ -172,12 +183,12 @@ def consensus_mask(weighted, method: str = "sum"):
 def combine(weighted, weights, mask=None, normalize: bool = False):
     """Sum of (kept) weighted deltas, optionally divided by the sum of (kept) weights."""
     if mask is not None:
-        mixed = jnp.sum(weighted * mask, axis=0)
-        div = jnp.sum(weights * mask, axis=0)
+        mixed = model_sum(weighted * mask)
+        div = model_sum(weights * mask)
         div = jnp.where(div == 0, 1.0, div)
     else:
-        mixed = jnp.sum(weighted, axis=0)
-        div = jnp.sum(weights, axis=0)
+        mixed = model_sum(weighted)
+        div = model_sum(weights)
         div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
     return mixed / div if normalize else mixed
 

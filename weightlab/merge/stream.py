@@ -30,6 +30,7 @@ from ..io.safetensors import Checkpoint
 from ..io.shards import PlannedShardWriter
 from .config import MergeConfig, _IGNORED, _RENAME
 from .registry import SPECS
+from .stats import GlobalMagnitude, tensor_thresholds
 
 __all__ = ["Plan", "plan", "run_merge"]
 
@@ -98,6 +99,9 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
     n_models = len([m for m in config.models if m.model != config.base_model])
     if SPECS[config.method].kind == "pair" and n_models != 1:
         raise MergeError(f"{config.method} merges base_model with exactly one other model, got {n_models}")
+    scope = config.parameters.get("scope", "tensor")
+    if scope not in ("tensor", "global"):
+        raise MergeError(f"{config.source}: scope must be 'tensor' or 'global', got {scope!r}")
     if config.method == "nuslerp" and n_models != 2:
         raise MergeError(f"nuslerp merges exactly two models (plus an optional base_model), got {n_models}")
     if config.method == "model_stock" and n_models < 2:
@@ -115,15 +119,23 @@ def _dtype(name):
     return np.dtype(table[name])
 
 
-def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.ndarray], key) -> np.ndarray:
-    method = cfg.method
-    spec = SPECS[method]
+def _order(cfg: MergeConfig) -> list[str]:
+    """Checkpoint order in the read buffer: the base (if the method uses one) first, then the models,
+    so the models' rows are one contiguous (N, ...) block."""
+    spec = SPECS[cfg.method]
     others = [m.model for m in cfg.models if m.model != cfg.base_model]
-    used = [m.model for m in cfg.models] if spec.kind == "nobase" else others
-    accepted = spec.parameters
+    if spec.kind == "nobase":
+        return [m.model for m in cfg.models]
+    return ([cfg.base_model] if cfg.base_model else []) + others
+
+
+def _kwargs(cfg: MergeConfig, name: str, t: float) -> dict:
+    spec = SPECS[cfg.method]
+    used = [m.model for m in cfg.models] if spec.kind == "nobase" else \
+        [m.model for m in cfg.models if m.model != cfg.base_model]
     kw = {}
     defaults = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
-    for p in accepted - _IGNORED:
+    for p in spec.parameters - _IGNORED:
         if p in spec.per_model:
             vals = [cfg.parameter(p, name, t, model=m) for m in used]
             if any(v is not None for v in vals):
@@ -133,23 +145,72 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, tensors: dict[str, np.n
             if v is not None:
                 kw[_RENAME.get(p, p)] = v
     kw.update(dict(spec.fixed))
+    return kw
+
+
+def _fast_numpy(method: str, kw: dict, block: np.ndarray):
+    """In-place float32 numpy evaluation of the purely linear methods (no jit dispatch, no new
+    buffers): ``linear`` with mergekit's operation order (sum of w_i x_i, then / sum w), and plain
+    ``task_arithmetic``. Returns None for anything else. ``block``: (models, numel), base first
+    for task_arithmetic; it is overwritten."""
+    if method == "linear" and set(kw) <= {"weight", "normalize"}:
+        n = block.shape[0]
+        w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (n,))
+        acc = block[0]
+        acc *= w[0]
+        for i in range(1, n):
+            block[i] *= w[i]
+            acc += block[i]
+        if kw.get("normalize", True):
+            acc /= np.float32(w.sum())
+        return acc
+    if method == "task_arithmetic" and set(kw) <= {"weight", "lambda_", "normalize"} and not kw.get("normalize"):
+        base, models = block[0], block[1:]
+        w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (models.shape[0],))
+        lam = np.float32(kw.get("lambda_", 1.0))
+        for i in range(models.shape[0]):
+            models[i] -= base
+            models[i] *= np.float32(w[i]) * lam
+        for i in range(models.shape[0]):
+            base += models[i]
+        return base
+    return None
+
+
+def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shape: tuple, key, scratch,
+                  global_thr=None) -> np.ndarray:
+    """Merge one tensor; ``block`` holds the checkpoints of :func:`_order` as (len, numel) float32."""
+    method = cfg.method
+    spec = SPECS[method]
+    kw = _kwargs(cfg, name, t)
+    fast = _fast_numpy(method, kw, block)
+    if fast is not None:
+        return fast.reshape(shape)
+    thr = None
+    if spec.magnitude:  # top-k cut-offs on the host (np.partition / the global statistics pass)
+        kw.pop("scope", None)
+        dens = kw.get("density", [1.0] * (block.shape[0] - 1))
+        if global_thr is not None:
+            thr = jnp.asarray(global_thr)
+        elif min(dens) < 1:
+            thr = jnp.asarray(tensor_thresholds(block, dens, scratch))
     key_kw = None
     if "key" in _keywords(spec.fn):  # per-tensor key from the name; inside, the tree has the fixed key "w"
         from .. import tree as wtree
 
-        key_kw = wtree.leaf_key(key, name, "stream")
+        key_kw = wtree.leaf_key(jax.random.key(key) if isinstance(key, int) else key, name, "stream")
     fn_j = _compiled(method, _freeze(kw))
-    tree = lambda a: {"w": jnp.asarray(a, jnp.float32)}
-    stack = lambda refs: {"w": jnp.stack([jnp.asarray(tensors[r], jnp.float32) for r in refs])}
+    full = jnp.asarray(block.reshape((block.shape[0],) + tuple(shape)))
+    has_base = spec.kind != "nobase" and cfg.base_model is not None
+    base, stacked = ({"w": full[0]}, {"w": full[1:]}) if has_base else (None, {"w": full})
     if spec.kind == "nobase":
-        refs = [m.model for m in cfg.models]
-        out = fn_j(stack(refs), key_kw) if method != "passthrough" else tree(tensors[refs[0]])
+        out = fn_j(stacked, key_kw, thr) if method != "passthrough" else {"w": full[0]}
     elif spec.kind == "pair":
-        out = fn_j(tree(tensors[cfg.base_model]), tree(tensors[others[0]]), key_kw)
+        out = fn_j(base, {"w": full[1]}, key_kw, thr)
     elif spec.kind == "opt":
-        out = fn_j(stack(others), tree(tensors[cfg.base_model]) if cfg.base_model else None, key_kw)
+        out = fn_j(stacked, base, key_kw, thr)
     else:
-        out = fn_j(tree(tensors[cfg.base_model]), stack(others), key_kw)
+        out = fn_j(base, stacked, key_kw, thr)
     return np.asarray(out["w"])
 
 
@@ -175,8 +236,10 @@ def _compiled(method: str, frozen):
         takes_key = "key" in _keywords(fn)
 
         def call(*args):
-            *trees, key = args
+            *trees, key, thr = args
             extra = {"key": key} if takes_key and key is not None else {}
+            if thr is not None:
+                extra["threshold"] = thr
             if spec.kind == "opt":
                 return fn(trees[0], base=trees[1], **kw, **extra)
             return fn(*trees, **kw, **extra)
@@ -184,6 +247,70 @@ def _compiled(method: str, frozen):
         _CACHE.clear() if len(_CACHE) > 256 else None
         _CACHE[ck] = jax.jit(call)
     return _CACHE[ck]
+
+
+class _ReadPool:
+    """Reusable read buffers: every tensor of every checkpoint is read (pread) into the same float32
+    block of ``len(order) x max_numel`` (plus one raw buffer for non-float32 inputs), so the merge
+    loop touches no fresh memory per tensor; on this class of machine page faults on new buffers
+    cost more than the reads themselves. The block for one tensor is (len(order), numel), contiguous."""
+
+    def __init__(self, ckpts, order, plan_: Plan):
+        self.ckpts, self.order, self.truncate = ckpts, order, plan_.truncate
+        sizes = [int(np.prod(ckpts[r].shape(n), dtype=np.int64)) for r in order for n in plan_.names
+                 if _floating(ckpts[r].dtype(n))]
+        biggest = max(sizes, default=0)
+        self.block = np.empty(len(order) * biggest, np.float32)
+        self.scratch = np.empty(biggest if SPECS[plan_.config.method].magnitude else 0, np.float32)
+        raw = [np.dtype(ckpts[r].dtype(n)).itemsize for r in order for n in plan_.names
+               if _floating(ckpts[r].dtype(n)) and (ckpts[r].dtype(n) != np.float32 or n in plan_.truncate)]
+        self.raw = np.empty(biggest * max(raw, default=0), np.uint8)
+
+    def read(self, name: str):
+        rows = self.truncate.get(name)
+        shape = None
+        for i, ref in enumerate(self.order):
+            c = self.ckpts[ref]
+            full = c.shape(name)
+            shape = full if rows is None else (rows,) + tuple(full[1:])
+            k = int(np.prod(shape, dtype=np.int64))
+            if i == 0:
+                blk = self.block[:len(self.order) * k].reshape(len(self.order), k)
+            if c.dtype(name) == np.float32 and rows is None:
+                c.read_into(name, blk[i])
+            else:
+                a = c.read_into(name, self.raw)
+                np.copyto(blk[i], a[:rows].reshape(-1) if rows is not None else a.reshape(-1), casting="unsafe")
+            if not np.isfinite(np.add.reduce(blk[i], dtype=np.float32)) and not np.all(np.isfinite(blk[i])):
+                raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
+        return blk, shape
+
+
+def _is_global(cfg: MergeConfig) -> bool:
+    return SPECS[cfg.method].magnitude and cfg.parameters.get("scope", "tensor") == "global"
+
+
+def _global_pass(cfg: MergeConfig, p: Plan, pool: "_ReadPool", progress: bool) -> np.ndarray:
+    """Statistics pass for ``scope: global`` trimming: two histogram sweeps over every float tensor
+    (see :mod:`.stats`); returns the per-model cut-offs used by the apply pass."""
+    from tqdm import tqdm
+
+    names = [n for n in p.names if _floating(pool.ckpts[pool.order[0]].dtype(n))]
+    dens = None
+    for n in names:
+        d = _kwargs(cfg, n, _layer_t(n, p.num_layers)).get("density", [1.0] * (len(pool.order) - 1))
+        if dens is not None and list(d) != list(dens):
+            raise MergeError(f"scope: global needs one density per model for the whole model; '{n}' has {d}, "
+                             f"earlier tensors {dens}")
+        dens = d
+    stats = GlobalMagnitude(dens)
+    for sweep in (stats.add_first, stats.add_second):
+        for n in tqdm(names, desc="statistics", disable=None if progress else True, leave=False):
+            block, _ = pool.read(n)
+            sweep(block, pool.scratch)
+        if sweep == stats.add_first:
+            stats.finish_first()
+    return stats.thresholds()
 
 
 def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite: bool = False,
@@ -210,7 +337,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
              f"{p.num_layers} layers; recipe {config.recipe_hash[:12]}")
         if dry_run:
             return p
-        key = jax.random.key(seed)
+        key = seed  # a jax key is made only for random methods (keeps the JAX backend out of linear merges)
         meta = {"weightlab.merge_method": config.method, "weightlab.recipe_sha256": config.recipe_hash}
         from tqdm import tqdm
 
@@ -224,28 +351,24 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
         layout = [(n, ref0.shape(n), out_dt(n)) for n in p.names]
         with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
                                 overwrite=overwrite) as w:
+            order = _order(config)
+            pool = _ReadPool(ckpts, order, p)
+            global_thr = _global_pass(config, p, pool, progress) if _is_global(config) else None
             for name in tqdm(p.names, desc="merge", disable=None if progress else True, leave=False):
-                ref_arr = ref0.get(name)
-                if not _floating(ref_arr.dtype):  # integer buffers (position ids ...): copy the reference
-                    w.add(name, ref_arr)
+                if not _floating(ref0.dtype(name)):  # integer buffers (position ids ...): copy the reference
+                    w.add(name, ref0.get(name))
                     continue
+                block, shape = pool.read(name)
+                merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), block, shape, key, pool.scratch,
+                                       global_thr)
                 rows = p.truncate.get(name)
-                tensors = {}
-                for ref, c in ckpts.items():
-                    a = ref_arr if c is ref0 else c.get(name)
-                    a = a if rows is None else a[:rows]
-                    if not np.all(np.isfinite(a.astype(np.float32))):
-                        raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
-                    tensors[ref] = a
-                merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), tensors, key)
                 if rows is not None:  # keep the reference model's extra vocabulary rows
-                    full = ref_arr.astype(np.float32)
+                    full = ref0.get(name).astype(np.float32)
                     full[:rows] = merged
                     merged = full
-                merged = merged.astype(out_dtype or ref_arr.dtype)
-                w.add(name, merged)
+                w.add(name, merged.astype(out_dtype or ref0.dtype(name), copy=False))
             w.close(extra_files={"mergekit_config.yml": config.text})
-        echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
+        echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.2f}s")
         return p
     finally:
         for c in ckpts.values():
