@@ -132,6 +132,38 @@ def test_stream_global_ties_statistics_pass_equals_in_memory(tmp_path, ckpts):
         run_merge(parse_config(bad), tmp_path / "g2", progress=False, echo=lambda s: None)
 
 
+def test_slices_passthrough_frankenmerge_and_sliced_slerp(tmp_path, ckpts):
+    """mergekit ``slices``: passthrough stacks layer ranges from different models (renumbered); a
+    merge method inside slices merges corresponding layers, gradients run over each slice."""
+    a, b, base = ckpts["a"][1], ckpts["b"][1], ckpts["base"][1]
+    text = (f"merge_method: passthrough\nslices:\n"
+            f"  - sources:\n      - model: {tmp_path / 'a'}\n        layer_range: [0, 3]\n"
+            f"  - sources:\n      - model: {tmp_path / 'b'}\n        layer_range: [1, 4]\n")
+    from weightlab.merge.stream import run_merge
+    p = run_merge(parse_config(text), tmp_path / "fr", progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(tmp_path / "fr")
+    assert p.num_layers == 6 and "model.layers.5.mlp.up_proj.weight" in got.keys()
+    np.testing.assert_array_equal(got["model.layers.2.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(got["model.layers.3.self_attn.q_proj.weight"], b["model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(got["model.layers.5.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # first slice
+    np.testing.assert_array_equal(got["lm_head.weight"], b["lm_head.weight"])  # last slice
+    # slerp inside one slice, t as a gradient over the slice's two layers
+    text2 = (f"merge_method: slerp\nbase_model: {tmp_path / 'base'}\nslices:\n  - sources:\n"
+             f"      - model: {tmp_path / 'base'}\n        layer_range: [2, 4]\n"
+             f"      - model: {tmp_path / 'a'}\n        layer_range: [0, 2]\n"
+             "parameters:\n  t: [0.0, 1.0]\n")
+    run_merge(parse_config(text2), tmp_path / "sl", progress=False, echo=lambda s: None)
+    got2 = io.open_checkpoint(tmp_path / "sl")
+    assert sorted({n.split(".")[2] for n in got2.keys() if ".layers." in n}) == ["0", "1"]
+    q = "self_attn.q_proj.weight"
+    np.testing.assert_allclose(got2[f"model.layers.0.{q}"], base[f"model.layers.2.{q}"], atol=1e-6)  # t = 0
+    np.testing.assert_allclose(got2[f"model.layers.1.{q}"], a[f"model.layers.1.{q}"], atol=1e-5)  # t = 1
+    bad = text.replace("[1, 4]", "[2, 6]")
+    with pytest.raises(MergeError, match="layer_range"):
+        run_merge(parse_config(bad), tmp_path / "x", progress=False, echo=lambda s: None)
+
+
 def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):
     cfg = tmp_path / "c.yml"
     cfg.write_text(cfg_text(tmp_path, "dare_ties", "dtype: bfloat16\n"))
@@ -149,6 +181,7 @@ def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):
     ("parameters: {desnity: 0.5}", r"has no parameter 'desnity'"),
     ("models: []", "non-empty"),
     ("slices: []", "slices"),
+    ("layer_range", "layer_range"),
     ("{{{", "unreadable YAML"),
 ])
 def test_config_errors_name_the_line(tmp_path, bad, match):
@@ -156,6 +189,7 @@ def test_config_errors_name_the_line(tmp_path, bad, match):
             "parameters: {desnity: 0.5}": "merge_method: ties\nbase_model: b\nmodels:\n  - model: x\nparameters: {desnity: 0.5}\n",
             "models: []": "merge_method: ties\nbase_model: b\nmodels: []\n",
             "slices: []": "merge_method: passthrough\nslices: []\n",
+            "layer_range": "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [3, 1]\n",
             "{{{": "{{{"}[bad]
     with pytest.raises(MergeError, match=match):
         parse_config(text)

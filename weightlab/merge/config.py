@@ -7,8 +7,12 @@ tensors outside the layer stack use ``t = 0``), or a list of ``{filter, value}``
 first whose ``filter`` is a substring of the tensor name (or absent / ``"*"``) wins. Lookup order:
 the model's own parameters, then the global ``parameters``, then the method's default.
 
-``slices`` (layer stacking for passthrough/frankenmerges) are recognised and refused with a clear
-error for now. Every problem is reported as a :class:`MergeError` naming the config line.
+``slices`` (mergekit's layer stacking): each slice lists ``sources`` (``model`` + ``layer_range: [a, b)``
++ optional ``parameters``), all of the same length; the output stacks the slices' layers in order.
+Every output layer is the merge of its sources' corresponding layers with ``merge_method``
+(``passthrough`` with one source per slice = a frankenmerge); gradients run over each slice's own
+layers; embeddings come from the first slice's sources and the final norm / ``lm_head`` from the last
+slice's (as mergekit). Every problem is reported as a :class:`MergeError` naming the config line.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ class ModelEntry:
     model: str
     parameters: dict
     line: int
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class SliceDef:
+    sources: list[ModelEntry]
+    parameters: dict
+    line: int
 
 
 @dataclasses.dataclass
@@ -76,19 +88,29 @@ class MergeConfig:
     out_dtype: str | None
     text: str
     source: str
+    slices: list[SliceDef] | None = None
 
     @property
     def recipe_hash(self) -> str:
+        slices = [[(m.model, m.layer_range, m.parameters) for m in s.sources] + [s.parameters]
+                  for s in self.slices or []]
         canon = json.dumps({"method": self.method, "base_model": self.base_model, "parameters": self.parameters,
                             "models": [(m.model, m.parameters) for m in self.models], "dtype": self.dtype,
-                            "out_dtype": self.out_dtype}, sort_keys=True)
+                            "out_dtype": self.out_dtype, "slices": slices}, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()
 
     def model_paths(self) -> list[str]:
-        refs = [m.model for m in self.models]
+        refs = list(dict.fromkeys([m.model for m in self.models] +
+                                  [m.model for s in self.slices or [] for m in s.sources]))
         if self.base_model and self.base_model not in refs:
             refs = [self.base_model] + refs
         return refs
+
+    def for_slice(self, i: int) -> "MergeConfig":
+        """The configuration of slice ``i``: its sources as the models, slice parameters over globals."""
+        sl = self.slices[i]
+        return dataclasses.replace(self, models=sl.sources, parameters={**self.parameters, **sl.parameters},
+                                   slices=None)
 
     def parameter(self, name: str, tensor: str, t: float, model: str | None = None, default: Any = None) -> Any:
         if model is not None:
@@ -132,8 +154,6 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
         raise MergeError(f"{source}: expected a mapping at the top level")
     top = root.value
     where = lambda key: f"{source}:{_line(top, key)}"
-    if "slices" in data:
-        raise MergeError(f"{where('slices')}: 'slices' (layer stacking) is not supported yet; use 'models'")
     if "modules" in data:
         raise MergeError(f"{where('modules')}: 'modules' is not supported yet; use 'models'")
     method = data.get("merge_method")
@@ -148,33 +168,86 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     for k in params:
         if k not in allowed:
             raise MergeError(f"{where('parameters')}: {method} has no parameter {k!r} (it takes {sorted(allowed)})")
-    entries = []
-    raw_models = data.get("models") or []
-    models_node = next((v for k, v in top if getattr(k, "value", None) == "models"), None)
-    if not isinstance(raw_models, list) or not raw_models:
-        raise MergeError(f"{where('models')}: 'models' must be a non-empty list")
-    for i, m in enumerate(raw_models):
-        line = models_node.value[i].start_mark.line + 1 if models_node is not None else 1
-        if not isinstance(m, dict) or "model" not in m:
-            raise MergeError(f"{source}:{line}: each entry of 'models' needs a 'model' path")
-        mp = m.get("parameters") or {}
-        for k in mp:
-            if k not in allowed:
-                raise MergeError(f"{source}:{line}: {method} has no parameter {k!r} (it takes {sorted(allowed)})")
-        if "density" in mp:
-            d = mp["density"]
-            vals = [d] if isinstance(d, (int, float)) else [x for x in d if isinstance(x, (int, float))] \
-                if isinstance(d, list) else []
-            if any(not 0 < float(v) <= 1 for v in vals):
-                raise MergeError(f"{source}:{line}: density must be in (0, 1], got {d!r}")
-        entries.append(ModelEntry(str(m["model"]), dict(mp), line))
+    if "slices" in data and "models" in data:
+        raise MergeError(f"{where('slices')}: give either 'slices' or 'models', not both")
+    slices = _parse_slices(data["slices"], _node(top, "slices"), source, method, allowed) if "slices" in data else None
+    entries = [] if slices else _parse_models(data.get("models") or [], _node(top, "models"), source, where('models'),
+                                              method, allowed, "models")
     if method == "nuslerp":  # mergekit requires a weight per model
-        for e in entries:
+        for e in entries + [m for sl in slices or [] for m in sl.sources]:
             if "weight" not in e.parameters and "weight" not in params:
                 raise MergeError(f"{source}:{e.line}: nuslerp needs a 'weight' for every model")
     base = data.get("base_model")
     needs_base = SPECS[method].kind in ("base", "pair")
     if needs_base and not base:
         raise MergeError(f"{source}: merge_method {method} needs a base_model")
+    for sl in slices or []:
+        if needs_base and str(base) not in [m.model for m in sl.sources]:
+            raise MergeError(f"{source}:{sl.line}: base_model {base} must be one of this slice's sources")
+        if method == "passthrough" and len(sl.sources) != 1:
+            raise MergeError(f"{source}:{sl.line}: passthrough takes exactly one source per slice")
     return MergeConfig(method, str(base) if base else None, entries, dict(params), data.get("dtype"),
-                       data.get("out_dtype"), text, source)
+                       data.get("out_dtype"), text, source, slices)
+
+
+def _node(top, key):
+    return next((v for k, v in top if getattr(k, "value", None) == key), None)
+
+
+def _check_params(mp, source, line, method, allowed):
+    if not isinstance(mp, dict):
+        raise MergeError(f"{source}:{line}: 'parameters' must be a mapping")
+    for k in mp:
+        if k not in allowed:
+            raise MergeError(f"{source}:{line}: {method} has no parameter {k!r} (it takes {sorted(allowed)})")
+    if "density" in mp:
+        d = mp["density"]
+        vals = [d] if isinstance(d, (int, float)) else [x for x in d if isinstance(x, (int, float))] \
+            if isinstance(d, list) else []
+        if any(not 0 < float(v) <= 1 for v in vals):
+            raise MergeError(f"{source}:{line}: density must be in (0, 1], got {d!r}")
+
+
+def _parse_models(raw, node, source, where, method, allowed, what, ranged=False) -> list[ModelEntry]:
+    if not isinstance(raw, list) or not raw:
+        raise MergeError(f"{where}: '{what}' must be a non-empty list")
+    entries = []
+    for i, m in enumerate(raw):
+        line = node.value[i].start_mark.line + 1 if node is not None and hasattr(node, "value") else 1
+        if not isinstance(m, dict) or "model" not in m:
+            raise MergeError(f"{source}:{line}: each entry of '{what}' needs a 'model' path")
+        mp = m.get("parameters") or {}
+        _check_params(mp, source, line, method, allowed)
+        lr = None
+        if ranged:
+            lr = m.get("layer_range")
+            if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(v, int) for v in lr)
+                    or not 0 <= lr[0] < lr[1]):
+                raise MergeError(f"{source}:{line}: layer_range must be [start, end) with 0 <= start < end, "
+                                 f"got {lr!r}")
+            lr = (lr[0], lr[1])
+        entries.append(ModelEntry(str(m["model"]), dict(mp), line, lr))
+    return entries
+
+
+def _parse_slices(raw, node, source, method, allowed) -> list[SliceDef]:
+    line0 = node.start_mark.line + 1 if node is not None else 1
+    if not isinstance(raw, list) or not raw:
+        raise MergeError(f"{source}:{line0}: 'slices' must be a non-empty list")
+    out = []
+    for i, sl in enumerate(raw):
+        snode = node.value[i] if node is not None else None
+        line = snode.start_mark.line + 1 if snode is not None else line0
+        if not isinstance(sl, dict) or "sources" not in sl:
+            raise MergeError(f"{source}:{line}: each slice needs 'sources'")
+        src_node = _node(snode.value, "sources") if snode is not None else None
+        sources = _parse_models(sl["sources"], src_node, source, f"{source}:{line}", method, allowed, "sources",
+                                ranged=True)
+        lengths = {m.layer_range[1] - m.layer_range[0] for m in sources}
+        if len(lengths) != 1:
+            raise MergeError(f"{source}:{line}: all sources of a slice need the same number of layers, got "
+                             f"{[m.layer_range for m in sources]}")
+        params = sl.get("parameters") or {}
+        _check_params(params, source, line, method, allowed)
+        out.append(SliceDef(sources, dict(params), line))
+    return out

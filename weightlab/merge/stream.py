@@ -39,12 +39,72 @@ _EMBED = re.compile(r"(embed|wte|word_embeddings|lm_head|output\.weight$)")
 
 
 @dataclasses.dataclass
+class Job:
+    """One output tensor: its name, the input tensor name in each checkpoint, the gradient position
+    and the (slice) configuration that merges it."""
+    out: str
+    src: dict
+    t: float
+    cfg: MergeConfig
+
+
+@dataclasses.dataclass
 class Plan:
     config: MergeConfig
     names: list[str]
     num_layers: int
     warnings: list[str]
     truncate: dict  # tensor name -> rows to keep (vocab mismatch on embeddings)
+    jobs: list = dataclasses.field(default_factory=list)
+
+
+def _with_layer(name: str, i: int) -> str:
+    m = _LAYER.search(name)
+    return name[:m.start(1)] + str(i) + name[m.end(1):]
+
+
+def _slice_jobs(config: MergeConfig, ckpts, names: list[str]) -> list[Job]:
+    """Output tensors of a ``slices`` config (see :mod:`.config`), validated against the headers."""
+    jobs, offset = [], 0
+    first = config.slices[0].sources[0].model
+    outside = [n for n in names if not _LAYER.search(n)]
+    pre = [n for n in outside if re.search(r"embed|wte|wpe", n)]
+    post = [n for n in outside if n not in pre]
+    for n in pre:
+        sub = config.for_slice(0)
+        jobs.append(Job(n, {m.model: n for m in sub.models}, 0.0, sub))
+    for i, sl in enumerate(config.slices):
+        sub = config.for_slice(i)
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for m in sl.sources:
+            have = {int(x.group(1)) for n in ckpts[m.model].keys() for x in [_LAYER.search(n)] if x}
+            if m.layer_range[1] > (max(have) + 1 if have else 0):
+                raise MergeError(f"{config.source}:{m.line}: layer_range {list(m.layer_range)} but {m.model} has "
+                                 f"{len(have)} layers")
+        src0 = sl.sources[0]
+        for idx in range(length):
+            t = idx / (length - 1) if length > 1 else 0.0
+            layer_names = [n for n in ckpts[src0.model].keys()
+                           if _LAYER.search(n) and int(_LAYER.search(n).group(1)) == src0.layer_range[0] + idx]
+            for n in layer_names:
+                src = {m.model: _with_layer(n, m.layer_range[0] + idx) for m in sl.sources}
+                for ref, nm in src.items():
+                    if nm not in ckpts[ref]:
+                        raise MergeError(f"slice at line {sl.line}: tensor '{nm}' is missing from {ref}")
+                    if ckpts[ref].shape(nm) != ckpts[src0.model].shape(n):
+                        raise MergeError(f"slice at line {sl.line}: '{nm}' has shape {ckpts[ref].shape(nm)} in "
+                                         f"{ref} vs {ckpts[src0.model].shape(n)} for '{n}' in {src0.model}")
+                jobs.append(Job(_with_layer(n, offset + idx), src, t, sub))
+        offset += length
+    last = config.for_slice(len(config.slices) - 1)
+    for n in post:
+        jobs.append(Job(n, {m.model: n for m in last.models}, 0.0, last))
+    for j in jobs:
+        for ref, nm in j.src.items():
+            if nm not in ckpts[ref]:
+                raise MergeError(f"tensor '{nm}' is missing from {ref} (needed for output '{j.out}'; "
+                                 f"first slice source {first})")
+    return jobs
 
 
 def _floating(dtype) -> bool:
@@ -59,15 +119,31 @@ def _layer_t(name: str, num_layers: int) -> float:
     return int(m.group(1)) / (num_layers - 1)
 
 
+def _check_counts(config: MergeConfig) -> None:
+    n_models = len([m for m in config.models if m.model != config.base_model])
+    if SPECS[config.method].kind == "pair" and n_models != 1:
+        raise MergeError(f"{config.method} merges base_model with exactly one other model, got {n_models}")
+    scope = config.parameters.get("scope", "tensor")
+    if scope not in ("tensor", "global"):
+        raise MergeError(f"{config.source}: scope must be 'tensor' or 'global', got {scope!r}")
+    if config.method == "nuslerp" and n_models != 2:
+        raise MergeError(f"nuslerp merges exactly two models (plus an optional base_model), got {n_models}")
+    if config.method == "model_stock" and n_models < 2:
+        raise MergeError("model_stock needs at least two models besides base_model")
+
+
 def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
     """Validate everything from the headers; raise :class:`MergeError` naming tensor and model."""
     refs = config.model_paths()
     ref0 = config.base_model or refs[0]
     names = list(ckpts[ref0].keys())
     warnings, truncate = [], {}
+    all_names = names
+    if config.slices:  # layer tensors are matched per slice (models may differ in depth)
+        names = [n for n in names if not _LAYER.search(n)]
     name_set = set(names)
     for ref in refs:
-        other = set(ckpts[ref].keys())
+        other = {n for n in ckpts[ref].keys() if not (config.slices and _LAYER.search(n))}
         missing = [n for n in names if n not in other]
         extra = [n for n in other if n not in name_set]
         for n in missing:
@@ -96,17 +172,15 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
                 raise MergeError(f"tensor '{n}': dtype {d} in {ref} vs {d0} in {ref0}")
     layers = [int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m]
     num_layers = max(layers) + 1 if layers else 1
-    n_models = len([m for m in config.models if m.model != config.base_model])
-    if SPECS[config.method].kind == "pair" and n_models != 1:
-        raise MergeError(f"{config.method} merges base_model with exactly one other model, got {n_models}")
-    scope = config.parameters.get("scope", "tensor")
-    if scope not in ("tensor", "global"):
-        raise MergeError(f"{config.source}: scope must be 'tensor' or 'global', got {scope!r}")
-    if config.method == "nuslerp" and n_models != 2:
-        raise MergeError(f"nuslerp merges exactly two models (plus an optional base_model), got {n_models}")
-    if config.method == "model_stock" and n_models < 2:
-        raise MergeError("model_stock needs at least two models besides base_model")
-    return Plan(config, names, num_layers, warnings, truncate)
+    for sub in ([config.for_slice(i) for i in range(len(config.slices))] if config.slices else [config]):
+        _check_counts(sub)
+    if config.slices:
+        jobs = _slice_jobs(config, ckpts, all_names)
+        num_layers = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in config.slices)
+    else:
+        order = _order(config)
+        jobs = [Job(n, {r: n for r in order}, _layer_t(n, num_layers), config) for n in names]
+    return Plan(config, [j.out for j in jobs], num_layers, warnings, truncate, jobs)
 
 
 def _dtype(name):
@@ -251,31 +325,37 @@ def _compiled(method: str, frozen):
 
 class _ReadPool:
     """Reusable read buffers: every tensor of every checkpoint is read (pread) into the same float32
-    block of ``len(order) x max_numel`` (plus one raw buffer for non-float32 inputs), so the merge
-    loop touches no fresh memory per tensor; on this class of machine page faults on new buffers
-    cost more than the reads themselves. The block for one tensor is (len(order), numel), contiguous."""
+    block of ``sources x max_numel`` (plus one raw buffer for non-float32 inputs), so the merge loop
+    touches no fresh memory per tensor; on this class of machine page faults on new buffers cost more
+    than the reads themselves. The block for one job is (sources, numel), contiguous, in
+    :func:`_order` (base first)."""
 
-    def __init__(self, ckpts, order, plan_: Plan):
-        self.ckpts, self.order, self.truncate = ckpts, order, plan_.truncate
-        sizes = [int(np.prod(ckpts[r].shape(n), dtype=np.int64)) for r in order for n in plan_.names
-                 if _floating(ckpts[r].dtype(n))]
-        biggest = max(sizes, default=0)
-        self.block = np.empty(len(order) * biggest, np.float32)
+    def __init__(self, ckpts, plan_: Plan):
+        self.ckpts, self.truncate = ckpts, plan_.truncate
+        biggest, width, raw = 0, 1, 0
+        for j in plan_.jobs:
+            width = max(width, len(_order(j.cfg)))
+            for ref, n in j.src.items():
+                dt = np.dtype(ckpts[ref].dtype(n))
+                if _floating(dt):
+                    biggest = max(biggest, int(np.prod(ckpts[ref].shape(n), dtype=np.int64)))
+                    if dt != np.float32 or j.out in plan_.truncate:
+                        raw = max(raw, dt.itemsize)
+        self.block = np.empty(width * biggest, np.float32)
         self.scratch = np.empty(biggest if SPECS[plan_.config.method].magnitude else 0, np.float32)
-        raw = [np.dtype(ckpts[r].dtype(n)).itemsize for r in order for n in plan_.names
-               if _floating(ckpts[r].dtype(n)) and (ckpts[r].dtype(n) != np.float32 or n in plan_.truncate)]
-        self.raw = np.empty(biggest * max(raw, default=0), np.uint8)
+        self.raw = np.empty(biggest * raw, np.uint8)
 
-    def read(self, name: str):
-        rows = self.truncate.get(name)
+    def read(self, job: Job):
+        rows = self.truncate.get(job.out)
+        order = _order(job.cfg)
         shape = None
-        for i, ref in enumerate(self.order):
-            c = self.ckpts[ref]
+        for i, ref in enumerate(order):
+            c, name = self.ckpts[ref], job.src[ref]
             full = c.shape(name)
             shape = full if rows is None else (rows,) + tuple(full[1:])
             k = int(np.prod(shape, dtype=np.int64))
             if i == 0:
-                blk = self.block[:len(self.order) * k].reshape(len(self.order), k)
+                blk = self.block[:len(order) * k].reshape(len(order), k)
             if c.dtype(name) == np.float32 and rows is None:
                 c.read_into(name, blk[i])
             else:
@@ -295,18 +375,19 @@ def _global_pass(cfg: MergeConfig, p: Plan, pool: "_ReadPool", progress: bool) -
     (see :mod:`.stats`); returns the per-model cut-offs used by the apply pass."""
     from tqdm import tqdm
 
-    names = [n for n in p.names if _floating(pool.ckpts[pool.order[0]].dtype(n))]
+    jobs = [j for j in p.jobs if _floating(pool.ckpts[_order(j.cfg)[0]].dtype(j.src[_order(j.cfg)[0]]))]
     dens = None
-    for n in names:
-        d = _kwargs(cfg, n, _layer_t(n, p.num_layers)).get("density", [1.0] * (len(pool.order) - 1))
+    for j in jobs:
+        n = j.out
+        d = _kwargs(j.cfg, n, j.t).get("density", [1.0] * (len(_order(j.cfg)) - 1))
         if dens is not None and list(d) != list(dens):
             raise MergeError(f"scope: global needs one density per model for the whole model; '{n}' has {d}, "
                              f"earlier tensors {dens}")
         dens = d
     stats = GlobalMagnitude(dens)
     for sweep in (stats.add_first, stats.add_second):
-        for n in tqdm(names, desc="statistics", disable=None if progress else True, leave=False):
-            block, _ = pool.read(n)
+        for j in tqdm(jobs, desc="statistics", disable=None if progress else True, leave=False):
+            block, _ = pool.read(j)
             sweep(block, pool.scratch)
         if sweep == stats.add_first:
             stats.finish_first()
@@ -342,31 +423,32 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
         from tqdm import tqdm
 
         t0 = time.time()
-        ref0 = ckpts[config.base_model or config.models[0].model]
+        def first(j):
+            return ckpts[_order(j.cfg)[0]], j.src[_order(j.cfg)[0]]
 
-        def out_dt(n):
-            d = ref0.dtype(n)
+        def out_dt(j):
+            c, n = first(j)
+            d = c.dtype(n)
             return (out_dtype or d) if _floating(d) else d
 
-        layout = [(n, ref0.shape(n), out_dt(n)) for n in p.names]
+        layout = [(j.out, first(j)[0].shape(j.src[_order(j.cfg)[0]]), out_dt(j)) for j in p.jobs]
         with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
                                 overwrite=overwrite) as w:
-            order = _order(config)
-            pool = _ReadPool(ckpts, order, p)
+            pool = _ReadPool(ckpts, p)
             global_thr = _global_pass(config, p, pool, progress) if _is_global(config) else None
-            for name in tqdm(p.names, desc="merge", disable=None if progress else True, leave=False):
-                if not _floating(ref0.dtype(name)):  # integer buffers (position ids ...): copy the reference
-                    w.add(name, ref0.get(name))
+            for job in tqdm(p.jobs, desc="merge", disable=None if progress else True, leave=False):
+                c0, n0 = first(job)
+                if not _floating(c0.dtype(n0)):  # integer buffers (position ids ...): copy the first source
+                    w.add(job.out, c0.get(n0))
                     continue
-                block, shape = pool.read(name)
-                merged = _merge_tensor(config, name, _layer_t(name, p.num_layers), block, shape, key, pool.scratch,
-                                       global_thr)
-                rows = p.truncate.get(name)
+                block, shape = pool.read(job)
+                merged = _merge_tensor(job.cfg, job.out, job.t, block, shape, key, pool.scratch, global_thr)
+                rows = p.truncate.get(job.out)
                 if rows is not None:  # keep the reference model's extra vocabulary rows
-                    full = ref0.get(name).astype(np.float32)
+                    full = c0.get(n0).astype(np.float32)
                     full[:rows] = merged
                     merged = full
-                w.add(name, merged.astype(out_dtype or ref0.dtype(name), copy=False))
+                w.add(job.out, merged.astype(out_dtype or c0.dtype(n0), copy=False))
             w.close(extra_files={"mergekit_config.yml": config.text})
         echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.2f}s")
         return p
