@@ -90,3 +90,36 @@ def test_merges_accept_quantized_inputs():
     np.testing.assert_allclose(merge.linear(qms)["l"]["kernel"], merge.linear(deq)["l"]["kernel"], atol=1e-6)
     # the 8-bit inputs stay close to the float merge
     np.testing.assert_allclose(merge.linear(qms)["l"]["kernel"], merge.linear(ms)["l"]["kernel"], atol=0.05)
+
+
+def test_extract_lora_checkpoint_cli_writes_a_peft_adapter(tmp_path, capsys):
+    import json
+
+    from weightlab import cli, io
+
+    rng = np.random.default_rng(4)
+    base = {"model.embed_tokens.weight": rng.standard_normal((30, 8)).astype(np.float32),
+            "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((8, 8)).astype(np.float32),
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((16, 8)).astype(np.float32),
+            "model.norm.weight": np.ones(8, np.float32)}
+    deltas = {n: (rng.standard_normal((v.shape[0], 2)) @ rng.standard_normal((2, v.shape[1]))).astype(np.float32)
+              for n, v in base.items() if "proj" in n}
+    ft = {n: v + deltas.get(n, 0.01) for n, v in base.items()}
+    io.save_sharded(tmp_path / "base", base)
+    io.save_sharded(tmp_path / "ft", ft)
+    out = tmp_path / "adapter"
+    assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "ft"), str(out), "--rank", "2"]) == 0
+    assert "2 LoRA modules" in capsys.readouterr().out
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and sorted(cfg["target_modules"]) == ["q_proj", "up_proj"]
+    ad = io.open_checkpoint(out / "adapter_model.safetensors")
+    for n, d in deltas.items():
+        m = "base_model.model." + n[: -len(".weight")]
+        B, A = ad[m + ".lora_B.weight"], ad[m + ".lora_A.weight"]  # PEFT: (out, r), (r, in)
+        assert B.shape == (d.shape[0], 2) and A.shape == (2, d.shape[1])
+        np.testing.assert_allclose(B @ A, d, atol=1e-4)
+    assert not any("embed" in k or "norm" in k for k in ad.keys())
+    assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "ft"), str(out)]) == 2  # exists
+    assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "x"),
+                     "--select", "nothing"]) == 2
+    assert not (tmp_path / "x").exists()

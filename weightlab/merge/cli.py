@@ -33,6 +33,28 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", type=_size, default=_size("2GB"), help="output shard size (default 2GB)")
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
     p.set_defaults(fn=run)
+    e = sub.add_parser(
+        "extract-lora", help="extract a PEFT LoRA adapter from a fine-tune (truncated SVD per weight)",
+        description="Write a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) whose B @ A is "
+                    "the best rank-r approximation of finetuned - base for every 2-D linear weight (embeddings, "
+                    "LM head and norms excluded unless --select matches them). Tensor by tensor; validated first.")
+    e.add_argument("base", help="base checkpoint (HF safetensors dir or file)")
+    e.add_argument("finetuned", help="fine-tuned checkpoint with the same tensors")
+    e.add_argument("output", help="adapter directory (refused if it exists, unless --overwrite)")
+    e.add_argument("--rank", type=float, default=16,
+                   help="rank (integer) or, below 1, the fraction of spectral energy to keep per matrix (default 16)")
+    e.add_argument("--select", default=None, help="regex of tensor names to factor (default: linear layers)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=run_extract)
+
+
+def run_extract(args) -> int:
+    from .lora import extract_lora_checkpoint
+
+    rank = int(args.rank) if args.rank >= 1 else float(args.rank)
+    extract_lora_checkpoint(args.base, args.finetuned, args.output, rank=rank, select=args.select,
+                            overwrite=args.overwrite)
+    return 0
 
 
 def run(args) -> int:

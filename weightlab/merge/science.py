@@ -25,16 +25,22 @@ import optax
 __all__ = ["TASKS", "LAMBDAS", "run"]
 
 _WARP = np.minimum((40 * (np.arange(40) / 40) ** 1.6).round().astype(int), 39)
-TASKS = {
+ALL_TASKS = {
     "identity": lambda x: x,
     "reversed": lambda x: x[:, ::-1],
     "shifted": lambda x: np.roll(x, 10, axis=1),
     "warped": lambda x: x[:, _WARP],
+    "shifted20": lambda x: np.roll(x, 20, axis=1),
+    "shifted30": lambda x: np.roll(x, 30, axis=1),
+    "rev-warped": lambda x: x[:, _WARP][:, ::-1],
+    "rev-shifted": lambda x: np.roll(x[:, ::-1], 20, axis=1),
 }
+TASKS = {k: ALL_TASKS[k] for k in ("identity", "reversed", "shifted", "warped")}
 LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
 
 
-def run(*, quick: bool = False, seed: int = 0) -> dict:
+def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, pretrain_steps=None,
+        ft_steps=None) -> dict:
     """Train, fine-tune, merge, evaluate; returns ``{"rows": [...], "individual": ..., "seconds": ...}``."""
     from .. import merge
     from ..data import load_mnist1d
@@ -45,10 +51,11 @@ def run(*, quick: bool = False, seed: int = 0) -> dict:
     d = load_mnist1d()
     n_val = 500
     x_tr, y_tr, x_val, y_val = d["x"][n_val:], d["y"][n_val:], d["x"][:n_val], d["y"][:n_val]
-    pre = train_mnist1d(seed=seed, steps=1500 if quick else 4000,
+    TASKS = ALL_TASKS if tasks is None else {k: ALL_TASKS[k] for k in tasks}  # noqa: N806
+    pre = train_mnist1d(seed=seed, steps=pretrain_steps or (1500 if quick else 4000), width=width,
                         data={**d, "x": x_tr, "y": y_tr})
     f, base = pre.model.apply_fn, pre.params
-    ft_steps = 300 if quick else 1000
+    ft_steps = ft_steps or (300 if quick else 1000)
     fine = [fit(f, base, tf(x_tr), y_tr, key=jax.random.key(100 + i), steps=ft_steps, batch_size=100,
                 optimizer=optax.adam(1e-3)).params for i, tf in enumerate(TASKS.values())]
 
@@ -97,11 +104,11 @@ def run(*, quick: bool = False, seed: int = 0) -> dict:
                 "per_task": dict(zip(TASKS, a)), "mean": float(np.mean(a))})
     indiv = [accs(p)[i] for i, p in enumerate(fine)]
     return {"rows": out, "individual": dict(zip(TASKS, indiv)), "individual_mean": float(np.mean(indiv)),
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "tasks": list(TASKS)}
 
 
 def markdown(result: dict) -> str:
-    names = list(TASKS)
+    names = result["tasks"]
     lines = ["| method | lambda | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 3) + "|"]
     lines.append("| individual fine-tunes (own task) | | " + " | ".join(f"{result['individual'][n]:.3f}" for n in names)
                  + f" | {result['individual_mean']:.3f} |")
