@@ -1,22 +1,36 @@
 """MNIST-1D merging table (input-transform task family): every merge method's mean test accuracy.
 
-    python scripts/merge_science.py [--quick]
+    python scripts/merge_science.py                 # 8 tasks, seeds 0,1,2 (~2 min on 2 cores)
+    python scripts/merge_science.py --tasks 4 --seeds 0 --quick
 
-Prints the markdown table and one JSON line; see weightlab/merge/science.py for the protocol.
+Prints a markdown table (mean over seeds, with the spread across seeds) and one JSON line; the
+protocol is in weightlab/merge/science.py.
 """
 
 import argparse
 import json
 
-from weightlab.merge.science import markdown, run
+import numpy as np
+
+from weightlab.merge import science
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tasks", type=int, choices=(4, 8), default=8)
     a = ap.parse_args()
-    res = run(quick=a.quick, seed=a.seed)
-    print(markdown(res))
-    print(json.dumps({"bench": "merge_science_mnist1d", "seed": a.seed, "quick": a.quick,
-                      "seconds": round(res["seconds"], 1), "individual_mean": round(res["individual_mean"], 3),
-                      **{r["method"]: round(r["mean"], 3) for r in res["rows"]}}))
+    tasks = list(science.ALL_TASKS)[:a.tasks]
+    runs = [science.run(quick=a.quick, seed=int(s), tasks=tasks) for s in a.seeds.split(",")]
+    methods = [r["method"] for r in runs[0]["rows"]]
+    table = {m: [next(r for r in run["rows"] if r["method"] == m)["mean"] for run in runs] for m in methods}
+    table = {"individual fine-tunes (own task)": [r["individual_mean"] for r in runs], **table}
+    lams = {m: [next(r for r in run["rows"] if r["method"] == m)["lambda"] for run in runs] for m in methods}
+    print(f"{len(tasks)} tasks ({', '.join(tasks)}), seeds {a.seeds}: mean test accuracy over tasks\n")
+    print("| method | mean | min-max over seeds | lambda chosen |\n|---|---|---|---|")
+    for m, v in table.items():
+        lam = "" if m not in lams or lams[m][0] is None else "/".join(f"{x:g}" for x in lams[m])
+        print(f"| {m} | {np.mean(v):.3f} | {min(v):.3f}-{max(v):.3f} | {lam} |")
+    print(json.dumps({"bench": "merge_science_mnist1d", "tasks": len(tasks), "seeds": a.seeds, "quick": a.quick,
+                      "seconds": round(sum(r["seconds"] for r in runs), 1),
+                      **{m: round(float(np.mean(v)), 4) for m, v in table.items()}}))

@@ -36,7 +36,7 @@ ALL_TASKS = {
     "rev-shifted": lambda x: np.roll(x[:, ::-1], 20, axis=1),
 }
 TASKS = {k: ALL_TASKS[k] for k in ("identity", "reversed", "shifted", "warped")}
-LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3)
 
 
 def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, pretrain_steps=None,
@@ -92,6 +92,7 @@ def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, p
         ("Fisher merging", merge.fisher_merge(fine, fishers), None),
         ("RegMean", merge.regmean(f, fine, unl), None),
         ("AdaMerging layer-wise (unlabeled)", merge.adamerging(f, base, fine, unl, steps=60 if quick else 150,
+                                                               init=min(0.3, 1.0 / len(fine)),
                                                                optimizer=optax.adam(1e-2)).params, None),
     ]
     out = []
