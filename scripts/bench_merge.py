@@ -4,7 +4,8 @@ Generates a LLaMA-shaped base model and two fine-tunes (fp32, ~--mb MiB each, HF
 with config.json), then for each config (linear, ties) runs ``weightlab merge`` and mergekit's
 ``mergekit-yaml`` as separate processes, measuring wall time and peak RSS, and compares their
 outputs tensor by tensor (max abs difference). Also reports linear-merge throughput against this
-machine's measured copy bandwidth.
+machine's measured copy bandwidth, both in memory (numpy memcpy) and as a file copy (``cp`` of one
+checkpoint with fsync, warm page cache), since an out-of-core merge is bounded by the latter.
 
 mergekit is not a weightlab dependency: point --mergekit at a venv's ``mergekit-yaml`` (the script
 creates ``/tmp/mkvenv`` with ``pip install torch==2.13.0 mergekit`` if it is missing).
@@ -82,6 +83,28 @@ def copy_bandwidth() -> float:
     return 3 * 2 * a.nbytes / (time.perf_counter() - t) / 1e9
 
 
+def file_copy_bandwidth(src: Path, dst: Path) -> float:
+    """``cp`` of one checkpoint directory with fsync of every output file (what a merge's output also
+    gets), best of 3 with a warm page cache; GB/s counting bytes read + written."""
+    import shutil
+
+    files = sorted(src.glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
+    best = float("inf")
+    for _ in range(3):
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir()
+        t = time.perf_counter()
+        for f in files:
+            shutil.copyfile(f, dst / f.name)
+            fd = os.open(dst / f.name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        best = min(best, time.perf_counter() - t)
+    shutil.rmtree(dst)
+    return 2 * nbytes / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=350)
@@ -96,6 +119,7 @@ def main():
         layers = make_models(root, args.mb)
         in_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         bw = copy_bandwidth()
+        fcopy = file_copy_bandwidth(root / "ft_a", root / "copy")
         for method in args.methods.split(","):
             extra = "    parameters: {weight: 0.5, density: 0.5}\n" if method == "ties" else "    parameters: {weight: 0.5}\n"
             cfg = (f"merge_method: {method}\n" + (f"base_model: {root / 'base'}\n" if method != "linear" else "") +
@@ -120,7 +144,9 @@ def main():
                 "memory_ratio": round(rss_wl / rss_mk, 2), "max_abs_diff": diff, "frac_elements_differing": frac,
                 "weightlab_engine_s": engine_wl,
                 "throughput_GBps": round(moved / t_wl, 2), "engine_throughput_GBps": round(moved / engine_wl, 2),
-                "memcpy_GBps": round(bw, 2), "engine_vs_memcpy": round(moved / engine_wl / bw, 3)}), flush=True)
+                "memcpy_GBps": round(bw, 2), "engine_vs_memcpy": round(moved / engine_wl / bw, 3),
+                "file_copy_GBps": round(fcopy, 2), "engine_vs_file_copy": round(moved / engine_wl / fcopy, 3)}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -273,18 +273,9 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shap
         from .. import tree as wtree
 
         key_kw = wtree.leaf_key(jax.random.key(key) if isinstance(key, int) else key, name, "stream")
-    fn_j = _compiled(method, _freeze(kw))
-    full = jnp.asarray(block.reshape((block.shape[0],) + tuple(shape)))
     has_base = spec.kind != "nobase" and cfg.base_model is not None
-    base, stacked = ({"w": full[0]}, {"w": full[1:]}) if has_base else (None, {"w": full})
-    if spec.kind == "nobase":
-        out = fn_j(stacked, key_kw, thr) if method != "passthrough" else {"w": full[0]}
-    elif spec.kind == "pair":
-        out = fn_j(base, {"w": full[1]}, key_kw, thr)
-    elif spec.kind == "opt":
-        out = fn_j(stacked, base, key_kw, thr)
-    else:
-        out = fn_j(base, stacked, key_kw, thr)
+    fn_j = _compiled(method, _freeze(kw), has_base)
+    out = fn_j(jnp.asarray(block.reshape((block.shape[0],) + tuple(shape))), key_kw, thr)
     return np.asarray(out["w"])
 
 
@@ -299,24 +290,29 @@ def _freeze(kw: dict):
 _CACHE: dict = {}
 
 
-def _compiled(method: str, frozen):
-    """jit-compiled merge of one tensor, cached per method and parameter values (jit itself caches
-    per shape, so a transformer compiles a handful of times, not once per tensor)."""
-    ck = (method, frozen)
+def _compiled(method: str, frozen, has_base: bool):
+    """jit-compiled merge of one tensor from its whole (sources, ...) block, cached per method and
+    parameter values (jit caches per shape, so a transformer compiles a handful of times; slicing
+    the block inside the jit avoids compiling a gather per shape outside it)."""
+    ck = (method, frozen, has_base)
     if ck not in _CACHE:
         spec = SPECS[method]
         fn = spec.fn
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in frozen}
         takes_key = "key" in _keywords(fn)
 
-        def call(*args):
-            *trees, key, thr = args
+        def call(full, key, thr):
             extra = {"key": key} if takes_key and key is not None else {}
             if thr is not None:
                 extra["threshold"] = thr
+            base, stacked = ({"w": full[0]}, {"w": full[1:]}) if has_base else (None, {"w": full})
+            if spec.kind == "nobase":
+                return {"w": full[0]} if method == "passthrough" else fn(stacked, **kw, **extra)
+            if spec.kind == "pair":
+                return fn(base, {"w": full[1]}, **kw, **extra)
             if spec.kind == "opt":
-                return fn(trees[0], base=trees[1], **kw, **extra)
-            return fn(*trees, **kw, **extra)
+                return fn(stacked, base=base, **kw, **extra)
+            return fn(base, stacked, **kw, **extra)
 
         _CACHE.clear() if len(_CACHE) > 256 else None
         _CACHE[ck] = jax.jit(call)
