@@ -250,3 +250,24 @@ def test_linear_and_slerp_configs(tmp_path, ckpts):
                                rtol=1e-5, atol=1e-6)  # t = 0 at the first layer
     np.testing.assert_allclose(out["model.layers.3.self_attn.q_proj.weight"], b["model.layers.3.self_attn.q_proj.weight"],
                                rtol=1e-5, atol=1e-6)  # t = 1 at the last
+
+
+def test_registry_signatures_match_and_linear_cli_never_imports_jax(tmp_path, ckpts):
+    """The registry reads parameter names from the source (ast) so YAML validation and the numpy fast
+    path need no JAX; the names must equal inspect's, and a linear merge must not import JAX."""
+    import inspect
+    import subprocess
+    import sys
+
+    from weightlab.merge.registry import SPECS
+
+    for name, spec in SPECS.items():
+        want = {p for p, v in inspect.signature(spec.fn).parameters.items() if v.kind == v.KEYWORD_ONLY}
+        assert spec.parameters_all == want, name
+    cfg = tmp_path / "lin.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n  - model: {tmp_path / 'b'}\n")
+    code = ("import sys; from weightlab import cli; "
+            f"rc = cli.main(['merge', {str(cfg)!r}, {str(tmp_path / 'lin')!r}]); "
+            "print('RC', rc, 'JAX', 'jax' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 0 JAX False" in r.stdout, r.stdout + r.stderr

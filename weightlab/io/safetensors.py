@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from .. import tree as wtree
 from ..errors import CheckpointError, CheckpointNotFoundError, PathCollisionError, UnknownDTypeError
 from .atomic import atomic_file
 
@@ -338,6 +337,8 @@ def load(path: str | os.PathLike, like: Any = None, *, as_jax: bool = True, sep:
     import jax
     import jax.numpy as jnp
 
+    from .. import tree as wtree
+
     with Checkpoint(path) as c:
         names = c.keys()
         if like is not None:
@@ -381,6 +382,8 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
 
 def _host_tensors(tree: Any) -> list[tuple[str, np.ndarray]]:
     """(path, numpy array) for every leaf; non-array leaves are an error (nothing is dropped)."""
+    from .. import tree as wtree
+
     pairs = wtree.flatten_with_paths(tree)[0]  # a flat {hf.name: array} dict keeps its names
     out = []
     for p, x in pairs:

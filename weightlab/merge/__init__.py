@@ -16,33 +16,38 @@ and PCB (:mod:`.masking`), TSV-M, Iso-C/Iso-CTS and WUDI (:mod:`.subspace`), OPC
 """
 
 import functools as _functools
+import importlib as _importlib
 
-import jax as _jax
-
-from . import steps
-from .lora import LoRA, apply_lora, extract_lora, is_lora, lora_delta, merge_loras
-from .adamerging import AdaMergingResult, adamerging, merge_with
-from .fisher import diagonal_fisher, fisher_merge
-from .regmean import regmean, regmean_from_grams
-from .continual import OPCMState, opcm, opcm_init, opcm_update
-from .masking import EMRResult, arcee_fusion, consensus, emr, magmax, pcb, ram, ramplus_tl, tall_masks
-from .spherical import multislerp, nuslerp
-from .subspace import iso_c, iso_cts, tsv_m, wudi
-from .methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
-                      generalized_task_arithmetic, karcher, linear, model_stock, nearswap, passthrough, sce, slerp,
-                      task_arithmetic, ties)
-
+_WHERE = {  # public name -> submodule (imported on first use: `weightlab merge` need not import JAX)
+    **{n: "methods" for n in ("METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties",
+                              "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                              "sce", "slerp", "nearswap", "karcher", "model_stock", "passthrough")},
+    **{n: "lora" for n in ("LoRA", "apply_lora", "extract_lora", "extract_lora_checkpoint", "is_lora", "lora_delta",
+                           "merge_loras")},
+    **{n: "learned" for n in ("AdaMergingResult", "adamerging", "merge_with")},  # learned.py
+    **{n: "fisher" for n in ("diagonal_fisher", "fisher_merge")},
+    **{n: "regression" for n in ("regmean", "regmean_from_grams")},
+    **{n: "continual" for n in ("OPCMState", "opcm", "opcm_init", "opcm_update")},
+    **{n: "masking" for n in ("EMRResult", "arcee_fusion", "consensus", "emr", "magmax", "pcb", "ram", "ramplus_tl",
+                              "tall_masks")},
+    **{n: "spherical" for n in ("multislerp", "nuslerp")},
+    **{n: "subspace" for n in ("iso_c", "iso_cts", "tsv_m", "wudi")},
+}
+_SUBMODULES = {"steps", "methods", "lora", "learned", "fisher", "regression", "continual", "masking", "spherical",
+               "subspace", "config", "stream", "registry", "stats", "science", "cli", "demo"}
 __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
            "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
            "karcher", "model_stock", "passthrough", "diagonal_fisher", "fisher_merge", "regmean", "regmean_from_grams",
            "adamerging", "AdaMergingResult", "merge_with", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
            "magmax", "tall_masks", "consensus", "emr", "EMRResult", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi",
            "opcm", "opcm_init", "opcm_update", "OPCMState", "LoRA", "extract_lora", "merge_loras",
-           "apply_lora", "lora_delta", "is_lora"]
+           "apply_lora", "lora_delta", "is_lora", "extract_lora_checkpoint"]
 
 
 def _dequantized(x):
     """``x`` with every QArray leaf replaced by its float32 array (lists of trees handled)."""
+    import jax as _jax
+
     from ..quant.qarray import is_qarray
 
     if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -63,9 +68,24 @@ def _accepts_quantized(fn):
     return wrapper
 
 
-for _name in ["generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-              "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap", "karcher",
-              "model_stock", "passthrough", "fisher_merge", "nuslerp", "multislerp", "arcee_fusion", "ram",
-              "ramplus_tl", "magmax", "tall_masks", "consensus", "emr", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi",
-              "opcm", "extract_lora"]:
-    globals()[_name] = _accepts_quantized(globals()[_name])
+_WRAPPED = {"generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap", "karcher",
+            "model_stock", "passthrough", "fisher_merge", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
+            "magmax", "tall_masks", "consensus", "emr", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi", "opcm",
+            "extract_lora"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        obj = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        if name in _WRAPPED:
+            obj = _accepts_quantized(obj)
+        globals()[name] = obj
+        return obj
+    if name in _SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'weightlab.merge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

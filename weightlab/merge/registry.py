@@ -11,16 +11,25 @@ Call conventions (``kind``):
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import inspect
-from typing import Callable
+import functools
+import importlib
+from pathlib import Path
 
-from . import masking, methods, spherical, subspace
+
+@functools.cache
+def _signature(module: str, name: str) -> tuple[str, ...]:
+    """Keyword-only parameter names of ``module.name``, read from the source with :mod:`ast`, so
+    validating a YAML config does not import JAX (tests check this against ``inspect.signature``)."""
+    tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return tuple(a.arg for a in fn.args.kwonlyargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    fn: Callable
+    where: str                 # "module:function" inside weightlab.merge (imported on first call)
     kind: str
     per_model: frozenset = frozenset()
     fixed: tuple = ()          # keyword arguments the streaming engine always passes
@@ -28,38 +37,46 @@ class MethodSpec:
     magnitude: bool = False    # top-k magnitude trimming: cut-offs computed on the host when streaming
 
     @property
+    def fn(self):
+        module, name = self.where.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+    @property
+    def parameters_all(self) -> set[str]:
+        return set(_signature(*self.where.split(":")))
+
+    @property
     def parameters(self) -> set[str]:
         """Keyword parameter names, mergekit spelling (``lambda``)."""
-        names = {p for p, v in inspect.signature(self.fn).parameters.items()
-                 if v.kind == v.KEYWORD_ONLY and p not in ("key", "base", "exclude", "threshold")}
+        names = self.parameters_all - {"key", "base", "exclude", "threshold"}
         names -= {k for k, _ in self.fixed}
         return (names - {"lambda_"}) | {"lambda"} if "lambda_" in names else names
 
 
 _GTA = frozenset({"weight", "density", "gamma", "epsilon"})
 SPECS: dict[str, MethodSpec] = {
-    "ties": MethodSpec(methods.ties, "base", _GTA, magnitude=True),
-    **{n: MethodSpec(getattr(methods, n), "base", _GTA)
+    "ties": MethodSpec("methods:ties", "base", _GTA, magnitude=True),
+    **{n: MethodSpec(f"methods:{n}", "base", _GTA)
        for n in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear")},
-    "sce": MethodSpec(methods.sce, "base"),
-    "model_stock": MethodSpec(methods.model_stock, "base"),
-    "linear": MethodSpec(methods.linear, "nobase", frozenset({"weight"})),
-    "karcher": MethodSpec(methods.karcher, "nobase", frozenset({"weight"})),
-    "passthrough": MethodSpec(methods.passthrough, "nobase"),
-    "slerp": MethodSpec(methods.slerp, "pair"),
-    "nearswap": MethodSpec(methods.nearswap, "pair"),
-    "arcee_fusion": MethodSpec(masking.arcee_fusion, "pair"),
-    "nuslerp": MethodSpec(spherical.nuslerp, "opt", frozenset({"weight"})),
-    "multislerp": MethodSpec(spherical.multislerp, "opt", frozenset({"weight"})),
-    "ram": MethodSpec(masking.ram, "base"),
-    "ramplus_tl": MethodSpec(masking.ramplus_tl, "base"),
+    "sce": MethodSpec("methods:sce", "base"),
+    "model_stock": MethodSpec("methods:model_stock", "base"),
+    "linear": MethodSpec("methods:linear", "nobase", frozenset({"weight"})),
+    "karcher": MethodSpec("methods:karcher", "nobase", frozenset({"weight"})),
+    "passthrough": MethodSpec("methods:passthrough", "nobase"),
+    "slerp": MethodSpec("methods:slerp", "pair"),
+    "nearswap": MethodSpec("methods:nearswap", "pair"),
+    "arcee_fusion": MethodSpec("masking:arcee_fusion", "pair"),
+    "nuslerp": MethodSpec("spherical:nuslerp", "opt", frozenset({"weight"})),
+    "multislerp": MethodSpec("spherical:multislerp", "opt", frozenset({"weight"})),
+    "ram": MethodSpec("masking:ram", "base"),
+    "ramplus_tl": MethodSpec("masking:ramplus_tl", "base"),
     # weightlab extensions (per tensor, so they stream; HF weights are (out, in))
-    "magmax": MethodSpec(masking.magmax, "base", extra=True),
-    "consensus": MethodSpec(masking.consensus, "base", extra=True),
-    "tsv_m": MethodSpec(subspace.tsv_m, "base", frozenset({"weight"}), extra=True),
-    "iso_c": MethodSpec(subspace.iso_c, "base", frozenset({"weight"}), extra=True),
-    "iso_cts": MethodSpec(subspace.iso_cts, "base", frozenset({"weight"}), extra=True),
-    "wudi": MethodSpec(subspace.wudi, "base", frozenset({"weight"}), fixed=(("input_axis", 1),), extra=True),
-    "pcb": MethodSpec(masking.pcb, "base", frozenset({"weight"}), fixed=(("scope", "tensor"),), extra=True),
+    "magmax": MethodSpec("masking:magmax", "base", extra=True),
+    "consensus": MethodSpec("masking:consensus", "base", extra=True),
+    "tsv_m": MethodSpec("subspace:tsv_m", "base", frozenset({"weight"}), extra=True),
+    "iso_c": MethodSpec("subspace:iso_c", "base", frozenset({"weight"}), extra=True),
+    "iso_cts": MethodSpec("subspace:iso_cts", "base", frozenset({"weight"}), extra=True),
+    "wudi": MethodSpec("subspace:wudi", "base", frozenset({"weight"}), fixed=(("input_axis", 1),), extra=True),
+    "pcb": MethodSpec("masking:pcb", "base", frozenset({"weight"}), fixed=(("scope", "tensor"),), extra=True),
 }

@@ -14,14 +14,11 @@ tensor name, ``t = i / (L - 1)``; other tensors use ``t = 0`` (as mergekit's pre
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import time
 from pathlib import Path
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -260,6 +257,9 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shap
     fast = _fast_numpy(method, kw, block)
     if fast is not None:
         return fast.reshape(shape)
+    import jax  # only methods that need it start JAX (a linear merge never does)
+    import jax.numpy as jnp
+
     thr = None
     if spec.magnitude:  # top-k cut-offs on the host (np.partition / the global statistics pass)
         kw.pop("scope", None)
@@ -269,7 +269,7 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shap
         elif min(dens) < 1:
             thr = jnp.asarray(tensor_thresholds(block, dens, scratch))
     key_kw = None
-    if "key" in _keywords(spec.fn):  # per-tensor key from the name; inside, the tree has the fixed key "w"
+    if "key" in spec.parameters_all:  # per-tensor key from the name; inside, the tree has the fixed key "w"
         from .. import tree as wtree
 
         key_kw = wtree.leaf_key(jax.random.key(key) if isinstance(key, int) else key, name, "stream")
@@ -279,8 +279,6 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shap
     return np.asarray(out["w"])
 
 
-def _keywords(fn) -> set[str]:
-    return set(inspect.signature(fn).parameters)
 
 
 def _freeze(kw: dict):
@@ -299,7 +297,7 @@ def _compiled(method: str, frozen, has_base: bool):
         spec = SPECS[method]
         fn = spec.fn
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in frozen}
-        takes_key = "key" in _keywords(fn)
+        takes_key = "key" in spec.parameters_all
 
         def call(full, key, thr):
             extra = {"key": key} if takes_key and key is not None else {}
@@ -315,6 +313,8 @@ def _compiled(method: str, frozen, has_base: bool):
             return fn(base, stacked, **kw, **extra)
 
         _CACHE.clear() if len(_CACHE) > 256 else None
+        import jax
+
         _CACHE[ck] = jax.jit(call)
     return _CACHE[ck]
 

@@ -1,4 +1,5 @@
-"""``weightlab quantize``: data-free quantization of a safetensors checkpoint."""
+"""``weightlab quantize``: data-free quantization of a safetensors checkpoint (the argument parser is in
+:mod:`weightlab.cli`, so building it does not import JAX)."""
 
 from __future__ import annotations
 
@@ -11,39 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import QuantizationError
-
-DEFAULT_SELECT = r"(kernel|weight)$"
-DEFAULT_EXCLUDE = r"(embed|norm|LayerNorm|lm_head|pooler)"
-
-
-def add_parser(sub) -> None:
-    q = sub.add_parser(
-        "quantize", help="quantize a safetensors checkpoint (data-free methods)",
-        description="Quantize every 2-D float tensor whose name matches --select (and not --exclude) with a "
-                    "data-free method, and write a safetensors file whose header records each QArray's layout "
-                    "(`weightlab info` shows true sizes; weightlab.quant.load rebuilds the QArrays). "
-                    "Calibration-based methods (GPTQ, AWQ) run from Python: weightlab.quant.gptq(...).",
-        epilog="examples:\n  weightlab quantize model.safetensors q.safetensors --method rtn --bits 4 --group-size 128\n"
-               "  weightlab quantize ./hf-dir q.safetensors --method hqq --bits 3 --group-size 64\n"
-               "  weightlab quantize ./hf-dir q.safetensors --method rtn --format nf4 --group-size 64\n"
-               "  weightlab quantize ./hf-dir q.safetensors --method any4 --dry-run",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    q.add_argument("input", help="a .safetensors file or a Hugging Face checkpoint directory")
-    q.add_argument("output", help="output .safetensors file (refused if it exists, unless --overwrite)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "hqq", "any4"])
-    q.add_argument("--format", default="int", help="rtn only: int, uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
-                                                   "fp8_e5m2, mxfp4, nvfp4 (default int)")
-    q.add_argument("--bits", type=int, default=4, help="bits for int formats and hqq (default 4)")
-    q.add_argument("--group-size", default="128", help="weights per scale along the input axis: a number, "
-                                                       "'channel' or 'tensor' (default 128)")
-    q.add_argument("--axis", type=int, default=None, help="input axis; default -1 for names ending in '.weight' "
-                                                          "(PyTorch (out, in)) and -2 otherwise")
-    q.add_argument("--select", default=DEFAULT_SELECT, help=f"regex of tensors to quantize (default {DEFAULT_SELECT!r})")
-    q.add_argument("--exclude", default=DEFAULT_EXCLUDE, help=f"regex of tensors to keep (default {DEFAULT_EXCLUDE!r})")
-    q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
-    q.add_argument("--overwrite", action="store_true")
-    q.set_defaults(fn=run)
-
 
 def _kwargs(args) -> dict:
     g = args.group_size
