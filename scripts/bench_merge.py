@@ -117,6 +117,7 @@ def main():
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         root = Path(d)
         layers = make_models(root, args.mb)
+        os.sync()  # flush the generated files first: pending writeback would slow whichever tool runs first
         in_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         bw = copy_bandwidth()
         fcopy = file_copy_bandwidth(root / "ft_a", root / "copy")
