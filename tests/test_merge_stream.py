@@ -271,3 +271,24 @@ def test_registry_signatures_match_and_linear_cli_never_imports_jax(tmp_path, ck
             "print('RC', rc, 'JAX', 'jax' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "RC 0 JAX False" in r.stdout, r.stdout + r.stderr
+
+
+def test_stream_merge_reads_quantized_checkpoints(tmp_path, ckpts):
+    """A checkpoint written by `weightlab quantize` is a valid merge input: each QArray is dequantized
+    when its tensor is read, and the result equals merging the dequantized model in memory."""
+    from weightlab import quant
+    from weightlab.merge.stream import run_merge
+
+    q = tmp_path / "a_q.safetensors"
+    assert cli.main(["quantize", str(tmp_path / "a"), str(q), "--bits", "8", "--group-size", "16"]) == 0
+    text = (f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+            f"  - model: {q}\n    parameters: {{weight: 0.7}}\n  - model: {tmp_path / 'b'}\n")
+    run_merge(parse_config(text), tmp_path / "qm", progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(tmp_path / "qm")
+    deq = quant.dequantize(quant.load(q))
+    base, b = ckpts["base"][1], ckpts["b"][1]
+    name = "model.layers.2.mlp.up_proj.weight"
+    a_deq = np.asarray(deq[name])
+    assert not np.array_equal(a_deq, ckpts["a"][1][name])  # really quantized
+    want = base[name] + 0.7 * (a_deq - base[name]) + (b[name] - base[name])
+    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)

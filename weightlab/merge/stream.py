@@ -362,6 +362,17 @@ class _ReadPool:
         return blk, shape
 
 
+def _open(ref: str):
+    """A checkpoint; one written by ``weightlab quantize`` / ``quant.save`` is read through a view that
+    dequantizes each QArray when its tensor is read (JAX is imported only then)."""
+    c = Checkpoint(ref)
+    if c.metadata.get("weightlab.qarrays", "{}") not in ("", "{}"):
+        from ..quant.checkpoint import DequantizedCheckpoint
+
+        return DequantizedCheckpoint(c)
+    return c
+
+
 def _is_global(cfg: MergeConfig) -> bool:
     return SPECS[cfg.method].magnitude and cfg.parameters.get("scope", "tensor") == "global"
 
@@ -405,7 +416,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
             line = next((m.line for m in config.models if m.model == ref), 1)
             raise MergeError(f"{config.source}:{line}: model path {ref!r} does not exist (weightlab merges local "
                              "checkpoints; nothing is downloaded)")
-        ckpts[ref] = Checkpoint(ref)
+        ckpts[ref] = _open(ref)
     try:
         p = plan(config, ckpts)
         for w in p.warnings:
