@@ -292,3 +292,23 @@ def test_stream_merge_reads_quantized_checkpoints(tmp_path, ckpts):
     assert not np.array_equal(a_deq, ckpts["a"][1][name])  # really quantized
     want = base[name] + 0.7 * (a_deq - base[name]) + (b[name] - base[name])
     np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)
+
+
+def test_base_plus_lora_adapter_syntax(tmp_path, ckpts):
+    """mergekit's `model: base+adapter`: a PEFT adapter (here extracted at full rank by
+    `weightlab extract-lora`) applied to the base tensor by tensor reproduces the fine-tune's
+    adapted weights; untouched tensors come from the base."""
+    from weightlab.merge.stream import run_merge
+
+    ad = tmp_path / "adapter"
+    assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "a"), str(ad), "--rank", "16"]) == 0
+    text = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}+{ad}\n"
+    run_merge(parse_config(text), tmp_path / "applied", progress=False, echo=lambda s: None)
+    got = io.open_checkpoint(tmp_path / "applied")
+    base, a = ckpts["base"][1], ckpts["a"][1]
+    np.testing.assert_allclose(got["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"],
+                               atol=1e-4)
+    np.testing.assert_array_equal(got["model.norm.weight"], base["model.norm.weight"])
+    bad = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}+{tmp_path / 'b'}\n"
+    with pytest.raises(MergeError, match="not a PEFT adapter"):
+        run_merge(parse_config(bad), tmp_path / "x", progress=False, echo=lambda s: None)

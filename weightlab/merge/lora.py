@@ -27,7 +27,7 @@ import numpy as np
 from .. import tree as wtree
 from ..errors import MergeError
 
-__all__ = ["LoRA", "extract_lora", "extract_lora_checkpoint", "merge_loras", "apply_lora", "lora_delta", "is_lora"]
+__all__ = ["LoRA", "LoraAppliedCheckpoint", "extract_lora", "extract_lora_checkpoint", "merge_loras", "apply_lora", "lora_delta", "is_lora"]
 
 
 class LoRA(NamedTuple):
@@ -213,3 +213,89 @@ def extract_lora_checkpoint(base_dir, finetuned_dir, out_dir, *, rank=16, select
     finally:
         base.close()
         ft.close()
+
+
+class LoraAppliedCheckpoint:
+    """A base checkpoint with a PEFT LoRA adapter applied, tensor by tensor (mergekit's
+    ``model: base+adapter`` syntax): ``W + (alpha / r) * lora_B @ lora_A`` for every adapted module
+    (``rank_pattern`` / ``alpha_pattern`` honoured), other tensors as in the base. The adapter's
+    factors are read once (they are small); base tensors are read on demand."""
+
+    def __init__(self, base, adapter_dir):
+        import json
+        from pathlib import Path
+
+        from ..io.safetensors import Checkpoint
+
+        d = Path(adapter_dir)
+        cfg_path = d / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise MergeError(f"{d}: not a PEFT adapter (no adapter_config.json)")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("peft_type", "LORA").upper() != "LORA":
+            raise MergeError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        if cfg.get("fan_in_fan_out"):
+            raise MergeError(f"{d}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported")
+        self._base, self.metadata = base, dict(getattr(base, "metadata", {}))
+        ad = Checkpoint(d / "adapter_model.safetensors")
+        try:
+            mods = {}
+            for k in ad.keys():
+                for part in ("lora_A", "lora_B"):
+                    tag = f".{part}."
+                    if tag in k:
+                        mod = k.split(tag)[0]
+                        mod = mod[len("base_model.model."):] if mod.startswith("base_model.model.") else mod
+                        mods.setdefault(mod, {})[part] = ad.get(k).astype(np.float32)
+        finally:
+            ad.close()
+        self._delta = {}
+        for mod, f in mods.items():
+            if set(f) != {"lora_A", "lora_B"}:
+                raise MergeError(f"{d}: module '{mod}' has {sorted(f)}, needs lora_A and lora_B")
+            r = f["lora_A"].shape[0]
+            leaf = mod.split(".")[-1]
+            r_eff = cfg.get("rank_pattern", {}).get(mod, cfg.get("rank_pattern", {}).get(leaf, cfg.get("r", r)))
+            alpha = cfg.get("alpha_pattern", {}).get(mod, cfg.get("alpha_pattern", {}).get(leaf,
+                                                                                         cfg.get("lora_alpha", r_eff)))
+            scale = alpha / (np.sqrt(r_eff) if cfg.get("use_rslora") else r_eff)
+            name = f"{mod}.weight"
+            if name not in base.keys():
+                raise MergeError(f"{d}: adapter module '{mod}' has no '{name}' in the base checkpoint")
+            shape = tuple(base.shape(name))
+            if (f["lora_B"].shape[0], f["lora_A"].shape[1]) != shape:
+                raise MergeError(f"{d}: '{mod}' adapter is {(f['lora_B'].shape[0], f['lora_A'].shape[1])}, "
+                                 f"base weight is {shape}")
+            self._delta[name] = (f["lora_B"], f["lora_A"], float(scale))
+
+    def keys(self):
+        return self._base.keys()
+
+    def __contains__(self, name):
+        return name in self._base
+
+    def shape(self, name):
+        return self._base.shape(name)
+
+    def dtype(self, name):
+        return self._base.dtype(name)
+
+    def get(self, name, *, copy: bool = True):
+        w = self._base.get(name)
+        if name not in self._delta:
+            return w
+        b, a, s = self._delta[name]
+        return (w.astype(np.float32) + s * (b @ a)).astype(w.dtype)
+
+    __getitem__ = get
+
+    def read_into(self, name, buf):
+        if name not in self._delta:
+            return self._base.read_into(name, buf)
+        a = self.get(name)
+        view = buf.reshape(-1).view(np.uint8)[:a.nbytes].view(a.dtype).reshape(a.shape)
+        np.copyto(view, a)
+        return view
+
+    def close(self):
+        self._base.close()

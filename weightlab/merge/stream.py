@@ -364,7 +364,13 @@ class _ReadPool:
 
 def _open(ref: str):
     """A checkpoint; one written by ``weightlab quantize`` / ``quant.save`` is read through a view that
-    dequantizes each QArray when its tensor is read (JAX is imported only then)."""
+    dequantizes each QArray when its tensor is read (JAX is imported only then); ``base+adapter``
+    (mergekit's syntax) is the base with a PEFT LoRA adapter applied tensor by tensor."""
+    if "+" in ref:
+        from .lora import LoraAppliedCheckpoint
+
+        base, adapter = ref.split("+", 1)
+        return LoraAppliedCheckpoint(_open(base), adapter)
     c = Checkpoint(ref)
     if c.metadata.get("weightlab.qarrays", "{}") not in ("", "{}"):
         from ..quant.checkpoint import DequantizedCheckpoint
@@ -412,10 +418,11 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
     out_dtype = _dtype(config.out_dtype or config.dtype)
     ckpts = {}
     for ref in config.model_paths():
-        if not Path(ref).exists():
-            line = next((m.line for m in config.models if m.model == ref), 1)
-            raise MergeError(f"{config.source}:{line}: model path {ref!r} does not exist (weightlab merges local "
-                             "checkpoints; nothing is downloaded)")
+        for part in ref.split("+"):
+            if not Path(part).exists():
+                line = next((m.line for m in config.models if m.model == ref), 1)
+                raise MergeError(f"{config.source}:{line}: model path {part!r} does not exist (weightlab merges "
+                                 "local checkpoints; nothing is downloaded)")
         ckpts[ref] = _open(ref)
     try:
         p = plan(config, ckpts)
