@@ -123,3 +123,40 @@ def test_extract_lora_checkpoint_cli_writes_a_peft_adapter(tmp_path, capsys):
     assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "x"),
                      "--select", "nothing"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_lora_cli_merges_adapters_in_factor_space(tmp_path, capsys):
+    """`weightlab merge-lora`: the concat adapter's B @ A is exactly sum_i w_i scale_i B_i A_i (scales
+    from each adapter's alpha/r, rank_pattern honoured); svd gives its best rank-r approximation; a
+    module present in one adapter only keeps its own term; disagreeing shapes are refused first."""
+    import json
+
+    from weightlab import cli, io
+    from weightlab.merge.peft import read_adapter, write_adapter
+
+    rng = np.random.default_rng(5)
+    mk = lambda o, i, r: (rng.standard_normal((o, r)).astype(np.float32), rng.standard_normal((r, i)).astype(np.float32))
+    a1 = {"layers.0.q_proj": mk(8, 6, 2), "layers.0.v_proj": mk(8, 6, 2)}
+    a2 = {"layers.0.q_proj": mk(8, 6, 3)}
+    write_adapter(tmp_path / "a1", a1, base_path="base")
+    write_adapter(tmp_path / "a2", a2, base_path="base")
+    cfg = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())  # a PEFT-style scale: alpha/r = 2
+    cfg.update(lora_alpha=6, r=3, rank_pattern={}, alpha_pattern={})
+    (tmp_path / "a2" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli.main(["merge-lora", str(tmp_path / "a1"), str(tmp_path / "a2"), "--out", str(tmp_path / "m"),
+                     "--weights", "0.5,1.5"]) == 0
+    _, got = read_adapter(tmp_path / "m")
+    want_q = 0.5 * a1["layers.0.q_proj"][0] @ a1["layers.0.q_proj"][1] + 1.5 * 2.0 * a2["layers.0.q_proj"][0] @ a2["layers.0.q_proj"][1]
+    b, a, s = got["layers.0.q_proj"]
+    assert s == 1.0 and b.shape == (8, 5) and a.shape == (5, 6)
+    np.testing.assert_allclose(b @ a, want_q, atol=1e-4)
+    b, a, _ = got["layers.0.v_proj"]
+    np.testing.assert_allclose(b @ a, 0.5 * a1["layers.0.v_proj"][0] @ a1["layers.0.v_proj"][1], atol=1e-4)
+    assert cli.main(["merge-lora", str(tmp_path / "a1"), str(tmp_path / "a2"), "--out", str(tmp_path / "s"),
+                     "--weights", "0.5,1.5", "--method", "svd", "--rank", "2"]) == 0
+    b, a, _ = read_adapter(tmp_path / "s")[1]["layers.0.q_proj"]
+    u, sv, vt = np.linalg.svd(want_q.astype(np.float64))
+    np.testing.assert_allclose(b @ a, (u[:, :2] * sv[:2]) @ vt[:2], atol=1e-3)
+    write_adapter(tmp_path / "bad", {"layers.0.q_proj": mk(9, 6, 2)}, base_path="base")
+    assert cli.main(["merge-lora", str(tmp_path / "a1"), str(tmp_path / "bad"), "--out", str(tmp_path / "x")]) == 2
+    assert "disagree" in capsys.readouterr().err and not (tmp_path / "x").exists()

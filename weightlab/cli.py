@@ -17,6 +17,7 @@ commands:
   quantize IN OUT  quantize a checkpoint's linear weights (rtn/hqq/any4; int, nf4, fp8, mxfp4, nvfp4 ...)
   merge CFG OUT  merge checkpoints from a mergekit YAML config, streamed tensor by tensor
   extract-lora   PEFT LoRA adapter from base + fine-tune by truncated SVD
+  merge-lora     merge PEFT LoRA adapters into one, in factor space (concat or SVD re-factoring)
   demo           the main job: train two MNIST-1D models and show each pillar on them
 
 examples:

@@ -380,6 +380,54 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+class CheckpointView:
+    """Read-only view over a :class:`Checkpoint` whose subclasses compute some tensors on read
+    (override :meth:`_compute`, returning None for tensors served from the base as they are). Same
+    interface as ``Checkpoint``: ``keys``, ``shape``, ``dtype``, ``get``, ``read_into``, ``close``."""
+
+    def __init__(self, base):
+        self._base = base
+        self.metadata = dict(getattr(base, "metadata", {}))
+
+    def _compute(self, name: str) -> np.ndarray | None:
+        return None
+
+    def keys(self):
+        return self._base.keys()
+
+    def __contains__(self, name):
+        return name in self._base
+
+    def shape(self, name):
+        return self._base.shape(name)
+
+    def dtype(self, name):
+        return self._base.dtype(name)
+
+    def get(self, name: str, *, copy: bool = True) -> np.ndarray:
+        a = self._compute(name)
+        return self._base.get(name, copy=copy) if a is None else a
+
+    __getitem__ = get
+
+    def read_into(self, name: str, buf: np.ndarray) -> np.ndarray:
+        a = self._compute(name)
+        if a is None:
+            return self._base.read_into(name, buf)
+        view = buf.reshape(-1).view(np.uint8)[:a.nbytes].view(a.dtype).reshape(a.shape)
+        np.copyto(view, a)
+        return view
+
+    def close(self) -> None:
+        self._base.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _host_tensors(tree: Any) -> list[tuple[str, np.ndarray]]:
     """(path, numpy array) for every leaf; non-array leaves are an error (nothing is dropped)."""
     from .. import tree as wtree

@@ -22,8 +22,10 @@ _WHERE = {  # public name -> submodule (imported on first use: `weightlab merge`
     **{n: "methods" for n in ("METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties",
                               "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
                               "sce", "slerp", "nearswap", "karcher", "model_stock", "passthrough")},
-    **{n: "lora" for n in ("LoRA", "apply_lora", "extract_lora", "extract_lora_checkpoint", "is_lora", "lora_delta",
-                           "merge_loras")},
+    **{n: "lora" for n in ("LoRA", "apply_lora", "extract_lora", "is_lora", "lora_delta", "merge_loras",
+                           "merge_factors")},
+    **{n: "peft" for n in ("extract_lora_checkpoint", "merge_adapters", "read_adapter", "write_adapter",
+                           "LoraAppliedCheckpoint")},
     **{n: "learned" for n in ("AdaMergingResult", "adamerging", "merge_with")},  # learned.py
     **{n: "fisher" for n in ("diagonal_fisher", "fisher_merge")},
     **{n: "regression" for n in ("regmean", "regmean_from_grams")},
@@ -33,7 +35,7 @@ _WHERE = {  # public name -> submodule (imported on first use: `weightlab merge`
     **{n: "spherical" for n in ("multislerp", "nuslerp")},
     **{n: "subspace" for n in ("iso_c", "iso_cts", "tsv_m", "wudi")},
 }
-_SUBMODULES = {"steps", "methods", "lora", "learned", "fisher", "regression", "continual", "masking", "spherical",
+_SUBMODULES = {"steps", "methods", "lora", "peft", "learned", "fisher", "regression", "continual", "masking", "spherical",
                "subspace", "config", "stream", "registry", "stats", "science", "cli", "demo"}
 __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties",
            "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap",
@@ -41,7 +43,8 @@ __all__ = ["steps", "METHODS", "generalized_task_arithmetic", "linear", "task_ar
            "adamerging", "AdaMergingResult", "merge_with", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
            "magmax", "tall_masks", "consensus", "emr", "EMRResult", "pcb", "tsv_m", "iso_c", "iso_cts", "wudi",
            "opcm", "opcm_init", "opcm_update", "OPCMState", "LoRA", "extract_lora", "merge_loras",
-           "apply_lora", "lora_delta", "is_lora", "extract_lora_checkpoint"]
+           "apply_lora", "lora_delta", "is_lora", "merge_factors", "extract_lora_checkpoint", "merge_adapters",
+           "read_adapter", "write_adapter", "LoraAppliedCheckpoint"]
 
 
 def _dequantized(x):

@@ -46,10 +46,31 @@ def add_parser(sub) -> None:
     e.add_argument("--select", default=None, help="regex of tensor names to factor (default: linear layers)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=run_extract)
+    m = sub.add_parser(
+        "merge-lora", help="merge PEFT LoRA adapters into one adapter, in factor space",
+        description="Merge LoRA adapters of one base model into one PEFT adapter without densifying: per module "
+                    "sum_i w_i B_i A_i, either exactly (concat: ranks add up) or re-factored to --rank (svd: the "
+                    "best rank-r approximation, via QR of the stacked factors and a small SVD).")
+    m.add_argument("adapters", nargs="+", help="PEFT adapter directories (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--out", required=True, help="output adapter directory (refused if it exists, unless --overwrite)")
+    m.add_argument("--weights", default=None, help="comma-separated weights, one per adapter (default 1 each)")
+    m.add_argument("--method", choices=["concat", "svd"], default="concat")
+    m.add_argument("--rank", type=int, default=None, help="svd: output rank (default: the largest input rank)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=run_merge_lora)
+
+
+def run_merge_lora(args) -> int:
+    from .peft import merge_adapters
+
+    weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+    merge_adapters(args.adapters, args.out, weights=weights, method=args.method, rank=args.rank,
+                   overwrite=args.overwrite)
+    return 0
 
 
 def run_extract(args) -> int:
-    from .lora import extract_lora_checkpoint
+    from .peft import extract_lora_checkpoint
 
     rank = int(args.rank) if args.rank >= 1 else float(args.rank)
     extract_lora_checkpoint(args.base, args.finetuned, args.output, rank=rank, select=args.select,

@@ -27,7 +27,7 @@ import numpy as np
 from .. import tree as wtree
 from ..errors import MergeError
 
-__all__ = ["LoRA", "LoraAppliedCheckpoint", "extract_lora", "extract_lora_checkpoint", "merge_loras", "apply_lora", "lora_delta", "is_lora"]
+__all__ = ["LoRA", "extract_lora", "merge_factors", "merge_loras", "apply_lora", "lora_delta", "is_lora"]
 
 
 class LoRA(NamedTuple):
@@ -104,6 +104,16 @@ def _refactor(a, b, rank):
     return LoRA(qa @ (u[:, :r] * root), (root[:, None] * vt[:r]) @ qb.T)
 
 
+def merge_factors(xs: Sequence[LoRA], weights, method: str = "concat", rank: int | None = None) -> LoRA:
+    """``sum_i w_i a_i b_i`` of one module's LoRAs in factor form: concatenated (exact) or re-factored
+    to ``rank`` (default the largest input rank) by :func:`_refactor`."""
+    a = jnp.concatenate([float(wi) * x.a.astype(jnp.float32) for wi, x in zip(weights, xs)], axis=1)
+    b = jnp.concatenate([x.b.astype(jnp.float32) for x in xs], axis=0)
+    if method == "svd":
+        return _refactor(a, b, rank or max(x.rank for x in xs))
+    return LoRA(a, b)
+
+
 def merge_loras(loras: Sequence, weights=None, *, method: str = "concat", rank: int | None = None):
     """Weighted sum of several LoRA trees (same structure) kept in factor form.
 
@@ -127,12 +137,7 @@ def merge_loras(loras: Sequence, weights=None, *, method: str = "concat", rank: 
         if is_lora(x0):
             if not all(is_lora(x) and x.a.shape[0] == x0.a.shape[0] and x.b.shape[1] == x0.b.shape[1] for x in xs):
                 raise MergeError(f"'{path}': LoRA factors disagree in (in, out) shape across inputs")
-            a = jnp.concatenate([float(wi) * x.a.astype(jnp.float32) for wi, x in zip(w, xs)], axis=1)
-            b = jnp.concatenate([x.b.astype(jnp.float32) for x in xs], axis=0)
-            merged = LoRA(a, b)
-            if method == "svd":
-                merged = _refactor(a, b, rank or max(x.rank for x in xs))
-            out.append(merged)
+            out.append(merge_factors(xs, w, method, rank))
         elif wtree.is_array(x0):
             out.append(sum(float(wi) * jnp.asarray(x, jnp.float32) for wi, x in zip(w, xs)))
         else:
@@ -153,149 +158,3 @@ def apply_lora(base, loras, scale: float = 1.0):
 
     return jax.tree.map(one, base, loras, is_leaf=is_lora)
 
-
-_NOT_LINEAR = r"(embed|wte|wpe|lm_head|norm|ln_)"
-
-
-def extract_lora_checkpoint(base_dir, finetuned_dir, out_dir, *, rank=16, select: str | None = None,
-                            overwrite: bool = False, echo=print) -> dict:
-    """Extract a PEFT LoRA adapter from two Hugging Face safetensors checkpoints, tensor by tensor.
-
-    Every 2-D ``*.weight`` tensor matched by ``select`` (regex; default: all except embeddings, the
-    LM head and norms) becomes ``lora_B`` (out, r) ``lora_A`` (r, in) with ``B @ A`` the best rank-r
-    approximation of ``finetuned - base`` (PyTorch (out, in) layout). Writes ``adapter_model.safetensors``
-    and ``adapter_config.json`` (``lora_alpha = r`` per module, so PEFT's scaling is 1) atomically into
-    ``out_dir``. Returns ``{tensor name: relative Frobenius error}``. Validation (names, shapes, NaN)
-    happens before any SVD."""
-    import json
-    import re
-
-    from ..io.atomic import atomic_dir
-    from ..io.safetensors import Checkpoint, _write_file
-
-    base, ft = Checkpoint(base_dir), Checkpoint(finetuned_dir)
-    try:
-        rx = re.compile(select) if select else None
-        names = [n for n in base.keys() if n.endswith(".weight") and len(base.shape(n)) == 2
-                 and (rx.search(n) if rx else not re.search(_NOT_LINEAR, n))]
-        if not names:
-            raise MergeError(f"no 2-D weight matched {select or 'the default selection'} in {base_dir}")
-        for n in names:
-            if n not in ft:
-                raise MergeError(f"tensor '{n}' is missing from {finetuned_dir}")
-            if ft.shape(n) != base.shape(n):
-                raise MergeError(f"tensor '{n}': shape {tuple(ft.shape(n))} in {finetuned_dir} vs "
-                                 f"{tuple(base.shape(n))} in {base_dir}")
-        _rank_for(np.ones(2), rank)  # validates rank before any work
-        tensors, errors, ranks = {}, {}, {}
-        for n in names:
-            d = ft.get(n).astype(np.float32) - base.get(n).astype(np.float32)
-            if not np.all(np.isfinite(d)):
-                raise MergeError(f"tensor '{n}': NaN/Inf in the difference")
-            left, right, errors[n] = _factor(d, rank)
-            mod = n[: -len(".weight")]
-            tensors[f"base_model.model.{mod}.lora_B.weight"] = np.asarray(left)
-            tensors[f"base_model.model.{mod}.lora_A.weight"] = np.asarray(right)
-            ranks[mod] = int(left.shape[1])
-        r0 = max(ranks.values())
-        cfg = {"peft_type": "LORA", "r": r0, "lora_alpha": r0, "rank_pattern": ranks, "alpha_pattern": ranks,
-               "target_modules": sorted({m.split(".")[-1] for m in ranks}), "lora_dropout": 0.0, "bias": "none",
-               "fan_in_fan_out": False, "base_model_name_or_path": str(base_dir), "task_type": None,
-               "inference_mode": True}
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            _write_file(tmp / "adapter_model.safetensors", list(tensors.items()),
-                        {"weightlab.extracted_from": str(finetuned_dir), "weightlab.max_rank": str(r0)})
-            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        worst = max(errors, key=errors.get)
-        echo(f"wrote {out_dir}: {len(names)} LoRA modules, rank <= {r0}; worst relative error "
-             f"{errors[worst]:.3g} ({worst})")
-        return errors
-    finally:
-        base.close()
-        ft.close()
-
-
-class LoraAppliedCheckpoint:
-    """A base checkpoint with a PEFT LoRA adapter applied, tensor by tensor (mergekit's
-    ``model: base+adapter`` syntax): ``W + (alpha / r) * lora_B @ lora_A`` for every adapted module
-    (``rank_pattern`` / ``alpha_pattern`` honoured), other tensors as in the base. The adapter's
-    factors are read once (they are small); base tensors are read on demand."""
-
-    def __init__(self, base, adapter_dir):
-        import json
-        from pathlib import Path
-
-        from ..io.safetensors import Checkpoint
-
-        d = Path(adapter_dir)
-        cfg_path = d / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise MergeError(f"{d}: not a PEFT adapter (no adapter_config.json)")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("peft_type", "LORA").upper() != "LORA":
-            raise MergeError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
-        if cfg.get("fan_in_fan_out"):
-            raise MergeError(f"{d}: fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported")
-        self._base, self.metadata = base, dict(getattr(base, "metadata", {}))
-        ad = Checkpoint(d / "adapter_model.safetensors")
-        try:
-            mods = {}
-            for k in ad.keys():
-                for part in ("lora_A", "lora_B"):
-                    tag = f".{part}."
-                    if tag in k:
-                        mod = k.split(tag)[0]
-                        mod = mod[len("base_model.model."):] if mod.startswith("base_model.model.") else mod
-                        mods.setdefault(mod, {})[part] = ad.get(k).astype(np.float32)
-        finally:
-            ad.close()
-        self._delta = {}
-        for mod, f in mods.items():
-            if set(f) != {"lora_A", "lora_B"}:
-                raise MergeError(f"{d}: module '{mod}' has {sorted(f)}, needs lora_A and lora_B")
-            r = f["lora_A"].shape[0]
-            leaf = mod.split(".")[-1]
-            r_eff = cfg.get("rank_pattern", {}).get(mod, cfg.get("rank_pattern", {}).get(leaf, cfg.get("r", r)))
-            alpha = cfg.get("alpha_pattern", {}).get(mod, cfg.get("alpha_pattern", {}).get(leaf,
-                                                                                         cfg.get("lora_alpha", r_eff)))
-            scale = alpha / (np.sqrt(r_eff) if cfg.get("use_rslora") else r_eff)
-            name = f"{mod}.weight"
-            if name not in base.keys():
-                raise MergeError(f"{d}: adapter module '{mod}' has no '{name}' in the base checkpoint")
-            shape = tuple(base.shape(name))
-            if (f["lora_B"].shape[0], f["lora_A"].shape[1]) != shape:
-                raise MergeError(f"{d}: '{mod}' adapter is {(f['lora_B'].shape[0], f['lora_A'].shape[1])}, "
-                                 f"base weight is {shape}")
-            self._delta[name] = (f["lora_B"], f["lora_A"], float(scale))
-
-    def keys(self):
-        return self._base.keys()
-
-    def __contains__(self, name):
-        return name in self._base
-
-    def shape(self, name):
-        return self._base.shape(name)
-
-    def dtype(self, name):
-        return self._base.dtype(name)
-
-    def get(self, name, *, copy: bool = True):
-        w = self._base.get(name)
-        if name not in self._delta:
-            return w
-        b, a, s = self._delta[name]
-        return (w.astype(np.float32) + s * (b @ a)).astype(w.dtype)
-
-    __getitem__ = get
-
-    def read_into(self, name, buf):
-        if name not in self._delta:
-            return self._base.read_into(name, buf)
-        a = self.get(name)
-        view = buf.reshape(-1).view(np.uint8)[:a.nbytes].view(a.dtype).reshape(a.shape)
-        np.copyto(view, a)
-        return view
-
-    def close(self):
-        self._base.close()

@@ -367,7 +367,7 @@ def _open(ref: str):
     dequantizes each QArray when its tensor is read (JAX is imported only then); ``base+adapter``
     (mergekit's syntax) is the base with a PEFT LoRA adapter applied tensor by tensor."""
     if "+" in ref:
-        from .lora import LoraAppliedCheckpoint
+        from .peft import LoraAppliedCheckpoint
 
         base, adapter = ref.split("+", 1)
         return LoraAppliedCheckpoint(_open(base), adapter)

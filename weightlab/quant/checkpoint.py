@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from ..io.safetensors import Checkpoint
+from ..io.safetensors import Checkpoint, CheckpointView
 
 __all__ = ["DequantizedCheckpoint", "is_quantized_checkpoint"]
 
@@ -21,57 +21,38 @@ def is_quantized_checkpoint(ckpt: Checkpoint) -> bool:
     return bool(json.loads(ckpt.metadata.get(_KEY, "{}") or "{}"))
 
 
-class DequantizedCheckpoint:
+class DequantizedCheckpoint(CheckpointView):
     """Logical tensors of a quantized checkpoint: QArray components (``name/codes``, ``name/scale``
     ...) are hidden behind ``name``, whose shape and dtype are the original ones."""
 
     def __init__(self, ckpt: Checkpoint):
-        self._c = ckpt
-        self.metadata = dict(ckpt.metadata)
+        super().__init__(ckpt)
         self._specs = json.loads(self.metadata.get(_KEY, "{}") or "{}")
         hidden = {f"{p}/{n}" for p, s in self._specs.items() for n in s["children"]}
         self._names = [n for n in ckpt.keys() if n not in hidden] + list(self._specs)
+        self._plain = set(self._names) - set(self._specs)
 
     def keys(self):
         return list(self._names)
 
     def __contains__(self, name):
-        return name in self._specs or (name in self._c and name in self._names)
+        return name in self._specs or name in self._plain
 
     def shape(self, name):
-        return tuple(self._specs[name]["shape"]) if name in self._specs else self._c.shape(name)
+        return tuple(self._specs[name]["shape"]) if name in self._specs else self._base.shape(name)
 
     def dtype(self, name):
         if name in self._specs:
             from .qarray import _dtype
 
             return np.dtype(_dtype(self._specs[name]["dtype"]))
-        return self._c.dtype(name)
+        return self._base.dtype(name)
 
-    def get(self, name, *, copy: bool = True):
+    def _compute(self, name):
         if name not in self._specs:
-            return self._c.get(name, copy=copy)
+            return None
         from .qarray import QArray
 
         spec = self._specs[name]
-        q = QArray.from_spec(spec, {n: self._c.get(f"{name}/{n}") for n in spec["children"]})
+        q = QArray.from_spec(spec, {n: self._base.get(f"{name}/{n}") for n in spec["children"]})
         return np.asarray(q.dequantize())
-
-    __getitem__ = get
-
-    def read_into(self, name, buf):
-        if name not in self._specs:
-            return self._c.read_into(name, buf)
-        a = self.get(name)
-        view = buf.reshape(-1).view(np.uint8)[:a.nbytes].view(a.dtype).reshape(a.shape)
-        np.copyto(view, a)
-        return view
-
-    def close(self):
-        self._c.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
