@@ -41,7 +41,7 @@ LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3)
 
 
 def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, pretrain_steps=None,
-        ft_steps=None) -> dict:
+        ft_steps=None, task_heads: bool = False) -> dict:
     """Train, fine-tune, merge, evaluate; returns ``{"rows": [...], "individual": ..., "seconds": ...}``."""
     from .. import merge
     from ..data import load_mnist1d
@@ -60,9 +60,16 @@ def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, p
     fine = [fit(f, base, tf(x_tr), y_tr, key=jax.random.key(100 + i), steps=ft_steps, batch_size=100,
                 optimizer=optax.adam(1e-3)).params for i, tf in enumerate(TASKS.values())]
 
+    def with_head(p, i):
+        """``task_heads``: task i is evaluated with its own fine-tuned output layer (the vision
+        protocol: merge the shared body, keep one classifier per task)."""
+        if not task_heads:
+            return p
+        return {**p, "head": fine[i]["head"]}
+
     def accs(p, split="test"):
         x, y = (d["x_test"], d["y_test"]) if split == "test" else (x_val, y_val)
-        return [float(evaluate(f, p, tf(x), y)[1]) for tf in TASKS.values()]
+        return [float(evaluate(f, with_head(p, i), tf(x), y)[1]) for i, tf in enumerate(TASKS.values())]
 
     def tuned(make):
         """Pick lambda on the validation split; returns (params, lambda)."""
@@ -106,7 +113,7 @@ def run(*, quick: bool = False, seed: int = 0, tasks=None, width: float = 1.0, p
                 "per_task": dict(zip(TASKS, a)), "mean": float(np.mean(a))})
     indiv = [accs(p)[i] for i, p in enumerate(fine)]
     return {"rows": out, "individual": dict(zip(TASKS, indiv)), "individual_mean": float(np.mean(indiv)),
-            "seconds": time.time() - t0, "tasks": list(TASKS)}
+            "seconds": time.time() - t0, "tasks": list(TASKS), "task_heads": task_heads}
 
 
 def markdown(result: dict) -> str:
