@@ -389,3 +389,18 @@ def test_results_do_not_depend_on_device_count(name):
     got = jax.jit(fn)(b_sh, s_sh)
     for k in base:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(2, 4), st.integers(2, 7), st.integers(2, 7), st.integers(0, 10_000))
+def test_lambda_zero_gives_base_for_every_scaled_method(n, rows, cols, seed):
+    """Property: every method with a final scale returns the base at lambda = 0, for any shapes."""
+    base, ms = make(n, seed=seed, shapes=((rows, cols), (cols,)))
+    for fn in (merge.magmax, merge.consensus, merge.pcb, merge.tsv_m, merge.iso_c, merge.iso_cts,
+               lambda b, m, lambda_: merge.wudi(b, m, steps=3, lr=1e-3, lambda_=lambda_)):
+        out = fn(base, ms, lambda_=0.0)
+        for k in base:
+            np.testing.assert_allclose(np.asarray(out[k]), base[k], atol=1e-6)

@@ -82,18 +82,17 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from .io import open_checkpoint
-    from .tree import true_nbytes
-
-    import jax
     import numpy as np
+
+    from .io import open_checkpoint
+    from .io.safetensors import true_bytes
 
     path = Path(args.path)
     with open_checkpoint(path) as c:
         rows = []
         for name in c.keys():
             shape, dtype = c.shape(name), c.dtype(name)
-            rows.append((name, shape, str(dtype), true_nbytes(jax.ShapeDtypeStruct(shape, dtype))))
+            rows.append((name, shape, str(dtype), true_bytes(shape, dtype)))
         meta = dict(c.metadata)
         files = sorted({c.shard_of(n) for n in c.keys()})
     total_params = sum(int(np.prod(s)) for _, s, _, _ in rows)

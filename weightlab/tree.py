@@ -309,18 +309,9 @@ def true_nbytes(x) -> int:
     """
     if not is_array(x):
         return 0
-    dt = np.dtype(x.dtype)
-    bits = dt.itemsize * 8
-    if dt.kind == "V" or dt.kind in "iu":  # ml_dtypes sub-byte ints/floats report itemsize 1
-        import ml_dtypes
+    from .io.safetensors import true_bytes
 
-        for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
-            try:
-                bits = info(dt).bits
-                break
-            except (ValueError, TypeError):
-                continue
-    return (int(np.prod(np.shape(x), dtype=np.int64)) * bits + 7) // 8
+    return true_bytes(np.shape(x), x.dtype)
 
 
 def tree_nbytes(tree: PyTree) -> int:
