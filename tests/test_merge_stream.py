@@ -58,6 +58,13 @@ parameters:
 {extra}"""
 
 
+def _run(text, out):
+    """Parse a YAML text and stream-merge it into ``out`` quietly; returns the plan."""
+    from weightlab.merge.stream import run_merge
+
+    return run_merge(parse_config(text), out, progress=False, echo=lambda s: None)
+
+
 def test_evaluate_setting_semantics():
     assert evaluate_setting("x", 0.5) == 0.5
     assert evaluate_setting("x", [0.0, 1.0], 0.25) == pytest.approx(0.25)
@@ -101,8 +108,7 @@ def test_stream_more_methods_equal_in_memory(tmp_path, ckpts, method, params, fn
     models = ["a"] if method == "arcee_fusion" else ["a", "b"]
     text = f"merge_method: {method}\nbase_model: {tmp_path / 'base'}\nmodels:\n" + "".join(
         f"  - model: {tmp_path / m}\n" + (f"    parameters:\n{params}" if params else "") for m in models)
-    from weightlab.merge.stream import run_merge
-    run_merge(parse_config(text), tmp_path / "o", progress=False, echo=lambda s: None)
+    _run(text, tmp_path / "o")
     got = io.open_checkpoint(tmp_path / "o")
     base = ckpts["base"][1]
     for name in ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]:
@@ -118,8 +124,7 @@ def test_stream_global_ties_statistics_pass_equals_in_memory(tmp_path, ckpts):
             f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
             f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5, density: 0.6}}\n"
             "parameters:\n  scope: global\n")
-    from weightlab.merge.stream import run_merge
-    run_merge(parse_config(text), tmp_path / "g", progress=False, echo=lambda s: None)
+    _run(text, tmp_path / "g")
     got = io.open_checkpoint(tmp_path / "g")
     base, a, b = (ckpts[n][1] for n in ("base", "a", "b"))
     want = merge.ties(base, [a, b], weight=[1.0, 0.5], density=[0.3, 0.6], scope="global")
@@ -129,7 +134,7 @@ def test_stream_global_ties_statistics_pass_equals_in_memory(tmp_path, ckpts):
     assert any(not np.allclose(got[n], per_tensor[n]) for n in base)
     bad = text.replace("density: 0.3", "density: [0.3, 0.5]")
     with pytest.raises(MergeError, match="one density per model"):
-        run_merge(parse_config(bad), tmp_path / "g2", progress=False, echo=lambda s: None)
+        _run(bad, tmp_path / "g2")
 
 
 def test_slices_passthrough_frankenmerge_and_sliced_slerp(tmp_path, ckpts):
@@ -139,8 +144,7 @@ def test_slices_passthrough_frankenmerge_and_sliced_slerp(tmp_path, ckpts):
     text = (f"merge_method: passthrough\nslices:\n"
             f"  - sources:\n      - model: {tmp_path / 'a'}\n        layer_range: [0, 3]\n"
             f"  - sources:\n      - model: {tmp_path / 'b'}\n        layer_range: [1, 4]\n")
-    from weightlab.merge.stream import run_merge
-    p = run_merge(parse_config(text), tmp_path / "fr", progress=False, echo=lambda s: None)
+    p = _run(text, tmp_path / "fr")
     got = io.open_checkpoint(tmp_path / "fr")
     assert p.num_layers == 6 and "model.layers.5.mlp.up_proj.weight" in got.keys()
     np.testing.assert_array_equal(got["model.layers.2.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
@@ -153,7 +157,7 @@ def test_slices_passthrough_frankenmerge_and_sliced_slerp(tmp_path, ckpts):
              f"      - model: {tmp_path / 'base'}\n        layer_range: [2, 4]\n"
              f"      - model: {tmp_path / 'a'}\n        layer_range: [0, 2]\n"
              "parameters:\n  t: [0.0, 1.0]\n")
-    run_merge(parse_config(text2), tmp_path / "sl", progress=False, echo=lambda s: None)
+    _run(text2, tmp_path / "sl")
     got2 = io.open_checkpoint(tmp_path / "sl")
     assert sorted({n.split(".")[2] for n in got2.keys() if ".layers." in n}) == ["0", "1"]
     q = "self_attn.q_proj.weight"
@@ -161,7 +165,7 @@ def test_slices_passthrough_frankenmerge_and_sliced_slerp(tmp_path, ckpts):
     np.testing.assert_allclose(got2[f"model.layers.1.{q}"], a[f"model.layers.1.{q}"], atol=1e-5)  # t = 1
     bad = text.replace("[1, 4]", "[2, 6]")
     with pytest.raises(MergeError, match="layer_range"):
-        run_merge(parse_config(bad), tmp_path / "x", progress=False, echo=lambda s: None)
+        _run(bad, tmp_path / "x")
 
 
 def test_cli_merge_dry_run_and_refusals(tmp_path, ckpts, capsys):
@@ -277,13 +281,11 @@ def test_stream_merge_reads_quantized_checkpoints(tmp_path, ckpts):
     """A checkpoint written by `weightlab quantize` is a valid merge input: each QArray is dequantized
     when its tensor is read, and the result equals merging the dequantized model in memory."""
     from weightlab import quant
-    from weightlab.merge.stream import run_merge
-
     q = tmp_path / "a_q.safetensors"
     assert cli.main(["quantize", str(tmp_path / "a"), str(q), "--bits", "8", "--group-size", "16"]) == 0
     text = (f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
             f"  - model: {q}\n    parameters: {{weight: 0.7}}\n  - model: {tmp_path / 'b'}\n")
-    run_merge(parse_config(text), tmp_path / "qm", progress=False, echo=lambda s: None)
+    _run(text, tmp_path / "qm")
     got = io.open_checkpoint(tmp_path / "qm")
     deq = quant.dequantize(quant.load(q))
     base, b = ckpts["base"][1], ckpts["b"][1]
@@ -298,12 +300,10 @@ def test_base_plus_lora_adapter_syntax(tmp_path, ckpts):
     """mergekit's `model: base+adapter`: a PEFT adapter (here extracted at full rank by
     `weightlab extract-lora`) applied to the base tensor by tensor reproduces the fine-tune's
     adapted weights; untouched tensors come from the base."""
-    from weightlab.merge.stream import run_merge
-
     ad = tmp_path / "adapter"
     assert cli.main(["extract-lora", str(tmp_path / "base"), str(tmp_path / "a"), str(ad), "--rank", "16"]) == 0
     text = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}+{ad}\n"
-    run_merge(parse_config(text), tmp_path / "applied", progress=False, echo=lambda s: None)
+    _run(text, tmp_path / "applied")
     got = io.open_checkpoint(tmp_path / "applied")
     base, a = ckpts["base"][1], ckpts["a"][1]
     np.testing.assert_allclose(got["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"],
@@ -311,4 +311,4 @@ def test_base_plus_lora_adapter_syntax(tmp_path, ckpts):
     np.testing.assert_array_equal(got["model.norm.weight"], base["model.norm.weight"])
     bad = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'base'}+{tmp_path / 'b'}\n"
     with pytest.raises(MergeError, match="not a PEFT adapter"):
-        run_merge(parse_config(bad), tmp_path / "x", progress=False, echo=lambda s: None)
+        _run(bad, tmp_path / "x")

@@ -85,7 +85,7 @@ def cmd_info(args) -> int:
     import numpy as np
 
     from .io import open_checkpoint
-    from .io.safetensors import true_bytes
+    from .io.safetensors import QARRAY_KEY, qarray_specs, true_bytes
 
     path = Path(args.path)
     with open_checkpoint(path) as c:
@@ -121,7 +121,8 @@ def cmd_info(args) -> int:
     print(f"\n{len(rows)} tensors, {total_params:,} parameters, {_fmt_bytes(total_bytes)} (true bytes)")
     for d, (t, p, b) in sorted(by_dtype.items()):
         print(f"  {d:<14} {t:>5} tensors {p:>14,} params {_fmt_bytes(b):>12}")
-    qspecs = json.loads(meta.pop("weightlab.qarrays", "{}") or "{}")
+    qspecs = qarray_specs(meta)
+    meta.pop(QARRAY_KEY, None)
     if qspecs:
         dense = sum(int(np.prod(v["shape"])) * np.dtype(v["dtype"]).itemsize for v in qspecs.values())
         packed = sum(b for n, _, _, b in rows if any(n.startswith(p + "/") for p in qspecs))

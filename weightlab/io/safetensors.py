@@ -380,6 +380,15 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+QARRAY_KEY = "weightlab.qarrays"
+"""Header-metadata key under which :func:`weightlab.quant.save` records each QArray's layout."""
+
+
+def qarray_specs(metadata: Mapping[str, str]) -> dict:
+    """The QArray layouts recorded in a checkpoint's metadata (``{}`` for a plain checkpoint)."""
+    return json.loads(metadata.get(QARRAY_KEY, "{}") or "{}")
+
+
 def true_bytes(shape, dtype) -> int:
     """Bytes ``shape`` x ``dtype`` really occupies: sub-byte dtypes (int4, uint2, float4 ...) count
     their bits (ml_dtypes reports itemsize 1 for them). NumPy only, no JAX."""

@@ -19,7 +19,7 @@ import functools as _functools
 import importlib as _importlib
 
 _WHERE = {  # public name -> submodule (imported on first use: `weightlab merge` need not import JAX)
-    **{n: "methods" for n in ("METHODS", "generalized_task_arithmetic", "linear", "task_arithmetic", "ties",
+    **{n: "methods" for n in ("generalized_task_arithmetic", "linear", "task_arithmetic", "ties",
                               "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
                               "sce", "slerp", "nearswap", "karcher", "model_stock", "passthrough")},
     **{n: "lora" for n in ("LoRA", "apply_lora", "extract_lora", "is_lora", "lora_delta", "merge_loras",
@@ -79,6 +79,10 @@ _WRAPPED = {"generalized_task_arithmetic", "linear", "task_arithmetic", "ties", 
 
 
 def __getattr__(name):
+    if name == "METHODS":  # every method the YAML engine knows, by its config name
+        from .registry import SPECS
+
+        return {n: globals()[n] if n in globals() else __getattr__(n) for n in SPECS}
     if name in _WHERE:
         obj = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
         if name in _WRAPPED:

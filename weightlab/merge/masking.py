@@ -131,24 +131,35 @@ def magmax(base, models, *, lambda_: float = 1.0):
     return _apply(base, stacked, fn)
 
 
-def tall_masks(base, models, *, tall_mask_lambda: float = 0.6, multitask=None):
-    """Per-task boolean masks (a stacked pytree): ``|tau_t| > lambda * |tau_MTL - tau_t|``.
-
-    ``multitask``: the merged model whose task vector is ``tau_MTL`` (default: task arithmetic,
-    ``base + sum_t tau_t``)."""
-    stacked, n = _task_vectors(base, models)
+def _tall(base, stacked, tall_mask_lambda, multitask):
+    """Per leaf ``(tau_MTL, TALL masks)``: the multi-task vector and ``|tau_t| > lambda |tau_MTL - tau_t|``."""
     if multitask is not None:
         wtree.check_compatible(base, multitask, names=("base_model", "multitask"))
 
     def one(b, s, *mt):
         if not wtree.is_array(b):
             return b
-        tau = s.astype(jnp.float32) - b.astype(jnp.float32)[None]
-        mtl = (mt[0].astype(jnp.float32) - b.astype(jnp.float32)) if mt else jnp.sum(tau, axis=0)
-        return jnp.abs(tau) > tall_mask_lambda * jnp.abs(mtl[None] - tau)
+        b32 = b.astype(jnp.float32)
+        tau = s.astype(jnp.float32) - b32[None]
+        mtl = (mt[0].astype(jnp.float32) - b32) if mt else jnp.sum(tau, axis=0)
+        return mtl, jnp.abs(tau) > tall_mask_lambda * jnp.abs(mtl[None] - tau)
 
     rest = (multitask,) if multitask is not None else ()
     return jax.tree.map(one, base, stacked, *rest)
+
+
+def _pick(pairs, base, i):
+    """Element ``i`` of the per-leaf pairs from :func:`_tall`, in ``base``'s structure."""
+    return jax.tree.map(lambda b, p: p[i] if wtree.is_array(b) else b, base, pairs)
+
+
+def tall_masks(base, models, *, tall_mask_lambda: float = 0.6, multitask=None):
+    """Per-task boolean masks (a stacked pytree): ``|tau_t| > lambda * |tau_MTL - tau_t|``.
+
+    ``multitask``: the merged model whose task vector is ``tau_MTL`` (default: task arithmetic,
+    ``base + sum_t tau_t``)."""
+    stacked, _ = _task_vectors(base, models)
+    return _pick(_tall(base, stacked, tall_mask_lambda, multitask), base, 1)
 
 
 def consensus(base, models, *, k: int = 2, tall_mask_lambda: float = 0.6, lambda_: float = 1.0, multitask=None):
@@ -157,18 +168,15 @@ def consensus(base, models, *, k: int = 2, tall_mask_lambda: float = 0.6, lambda
     stacked, n = _task_vectors(base, models)
     if not 0 <= k <= n:
         raise MergeError(f"consensus k must be in [0, {n}], got {k}")
-    masks = tall_masks(base, stacked, tall_mask_lambda=tall_mask_lambda, multitask=multitask)
+    pairs = _tall(base, stacked, tall_mask_lambda, multitask)
 
-    def one(b, s, m, *mt):
+    def one(b, p):
         if not wtree.is_array(b):
             return b
-        b32 = b.astype(jnp.float32)
-        mtl = (mt[0].astype(jnp.float32) - b32) if mt else jnp.sum(s.astype(jnp.float32) - b32[None], axis=0)
-        keep = jnp.sum(m, axis=0) >= k
-        return (b32 + lambda_ * mtl * keep).astype(b.dtype)
+        mtl, m = p
+        return (b.astype(jnp.float32) + lambda_ * mtl * (jnp.sum(m, axis=0) >= k)).astype(b.dtype)
 
-    rest = (multitask,) if multitask is not None else ()
-    return jax.tree.map(one, base, stacked, masks, *rest)
+    return jax.tree.map(one, base, pairs)
 
 
 class EMRResult(NamedTuple):
@@ -193,23 +201,25 @@ class EMRResult(NamedTuple):
 def emr(base, models) -> EMRResult:
     """Elect, Mask & Rescale: tuning-free per-task models sharing one unified task vector."""
     stacked, n = _task_vectors(base, models)
-
-    def parts(b, s):
+    leaves_b, treedef = jax.tree.flatten(base)
+    unified, masks = [], []
+    before = after = jnp.zeros((n,), jnp.float32)
+    for b, s in zip(leaves_b, jax.tree.leaves(stacked)):
+        if not wtree.is_array(b):
+            unified.append(b)
+            masks.append(b)
+            continue
         tau = s.astype(jnp.float32) - b.astype(jnp.float32)[None]
         flag = jnp.where(jnp.sum(tau, axis=0) > 0, 1.0, -1.0)
         mask = tau * flag[None] > 0
-        return tau, mask, jnp.max(jnp.abs(tau) * mask, axis=0) * flag
-
-    unified = jax.tree.map(lambda b, s: parts(b, s)[2] if wtree.is_array(b) else b, base, stacked)
-    masks = jax.tree.map(lambda b, s: parts(b, s)[1] if wtree.is_array(b) else b, base, stacked)
-    before = after = jnp.zeros((n,), jnp.float32)
-    for b, s, u, m in zip(jax.tree.leaves(base), jax.tree.leaves(stacked), jax.tree.leaves(unified),
-                          jax.tree.leaves(masks)):
-        if wtree.is_array(b):
-            axes = tuple(range(1, m.ndim))
-            before = before + jnp.mean(jnp.abs(s.astype(jnp.float32) - b.astype(jnp.float32)[None]), axis=axes)
-            after = after + jnp.mean(jnp.abs(u[None] * m), axis=axes)
-    return EMRResult(base, unified, masks, before / jnp.where(after == 0, 1.0, after))
+        u = jnp.max(jnp.abs(tau) * mask, axis=0) * flag
+        axes = tuple(range(1, tau.ndim))
+        before = before + jnp.mean(jnp.abs(tau), axis=axes)
+        after = after + jnp.mean(jnp.abs(u[None] * mask), axis=axes)
+        unified.append(u)
+        masks.append(mask)
+    return EMRResult(base, jax.tree.unflatten(treedef, unified), jax.tree.unflatten(treedef, masks),
+                     before / jnp.where(after == 0, 1.0, after))
 
 
 def _minmax(x):

@@ -27,7 +27,7 @@ from . import steps
 
 __all__ = ["generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap", "karcher",
-           "model_stock", "passthrough", "METHODS"]
+           "model_stock", "passthrough"]
 
 
 def _stacked(models) -> Any:
@@ -339,5 +339,3 @@ def passthrough(model):
     """Returns the (single) model unchanged (mergekit's passthrough; slices come with the YAML engine)."""
     return model
 
-
-METHODS = {name: globals()[name] for name in __all__ if name not in ("METHODS", "generalized_task_arithmetic")}

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import MergeError
-from ..io.safetensors import Checkpoint
+from ..io.safetensors import Checkpoint, qarray_specs
 from ..io.shards import PlannedShardWriter
 from .config import MergeConfig, _IGNORED, _RENAME
 from .registry import SPECS
@@ -372,7 +372,7 @@ def _open(ref: str):
         base, adapter = ref.split("+", 1)
         return LoraAppliedCheckpoint(_open(base), adapter)
     c = Checkpoint(ref)
-    if c.metadata.get("weightlab.qarrays", "{}") not in ("", "{}"):
+    if qarray_specs(c.metadata):
         from ..quant.checkpoint import DequantizedCheckpoint
 
         return DequantizedCheckpoint(c)

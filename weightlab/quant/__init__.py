@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import io as wio
+from ..io.safetensors import QARRAY_KEY, qarray_specs
 from .. import tree as wtree
 from ..core import WeightTransform, apply_once, select
 from ..errors import AlreadyQuantizedError, QuantizationError
@@ -45,7 +46,7 @@ __all__ = ["QArray", "Format", "FORMATS", "get_format", "quantize_rtn", "quantiz
            "rotate_quantize", "lorc", "qera", "qat", "quantize_array", "check_quantizable", "quantizer", "quantize", "dequantize", "dot", "save", "load", "is_qarray", "METADATA_KEY"]
 
 METHODS: dict[str, Callable[..., QArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq, "any4": quantize_any4}
-METADATA_KEY = "weightlab.qarrays"
+METADATA_KEY = QARRAY_KEY
 
 
 def _method(method: str, kwargs: dict) -> Callable[..., QArray]:
@@ -157,7 +158,7 @@ def load(path, like: Any = None):
     if like is not None:
         return wio.load(path, like=like)
     with wio.open_checkpoint(path) as c:
-        specs = json.loads(c.metadata.get(METADATA_KEY, "{}"))
+        specs = qarray_specs(c.metadata)
         flat = {k: jnp.asarray(c[k]) for k in c.keys()}
     for p, spec in specs.items():
         children = {n: flat.pop(f"{p}/{n}") for n in spec["children"]}

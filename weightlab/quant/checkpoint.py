@@ -6,19 +6,11 @@ So ``weightlab merge`` accepts quantized models as inputs without ever materiali
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from ..io.safetensors import Checkpoint, CheckpointView
+from ..io.safetensors import Checkpoint, CheckpointView, qarray_specs
 
-__all__ = ["DequantizedCheckpoint", "is_quantized_checkpoint"]
-
-_KEY = "weightlab.qarrays"  # == weightlab.quant.METADATA_KEY
-
-
-def is_quantized_checkpoint(ckpt: Checkpoint) -> bool:
-    return bool(json.loads(ckpt.metadata.get(_KEY, "{}") or "{}"))
+__all__ = ["DequantizedCheckpoint"]
 
 
 class DequantizedCheckpoint(CheckpointView):
@@ -27,7 +19,7 @@ class DequantizedCheckpoint(CheckpointView):
 
     def __init__(self, ckpt: Checkpoint):
         super().__init__(ckpt)
-        self._specs = json.loads(self.metadata.get(_KEY, "{}") or "{}")
+        self._specs = qarray_specs(self.metadata)
         hidden = {f"{p}/{n}" for p, s in self._specs.items() for n in s["children"]}
         self._names = [n for n in ckpt.keys() if n not in hidden] + list(self._specs)
         self._plain = set(self._names) - set(self._specs)
