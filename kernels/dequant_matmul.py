@@ -4,8 +4,9 @@ Weight-only quantized matmuls at small batch are memory-bound: the kernel reads 
 (4 or 8 bits per weight) plus one scale (and zero) per group, dequantizes in registers and feeds
 the matrix unit, so the ideal speed-up over bf16 is ``16 / b_eff``.
 
-Kernel weight layout (:func:`prepare` builds it once from a :class:`~weightlab.quant.QArray`, as
-Marlin/ExLlama repack offline): W is (K, N) with K the contracted axis. K is cut into blocks of
+Kernel weight layout (:func:`pack_weights` builds it once from plain arrays — unpacked codes, group
+scales and zeros or a table — as Marlin/ExLlama repack offline; ``weightlab.quant.matmul.prepare`` calls
+it for a QArray): W is (K, N) with K the contracted axis. K is cut into blocks of
 ``block_k`` rows, one quantization group per block (or several blocks per group). For 4 bits, byte
 r of a K-block holds row r in its low nibble and row ``r + block_k/2`` in its high nibble, so the
 kernel splits x's block into two contiguous halves instead of de-interleaving nibbles. Values:
@@ -29,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-__all__ = ["KernelWeights", "prepare", "dequant_matmul", "dequant_matmul_reference", "supports", "supports_platform"]
+__all__ = ["KernelWeights", "pack_weights", "dequant_matmul", "dequant_matmul_reference", "supports",
+           "supports_platform"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale", "zero", "lut"],
@@ -48,11 +50,10 @@ class KernelWeights:
     mode: str                   # "int" | "lut"
 
 
-def supports(q) -> bool:
-    """Whether a QArray can use the kernel: 2-D, 4/8-bit int or 4-bit float-scaled table formats."""
-    f = q.fmt
-    return (q.ndim == 2 and q.group_size > 0 and f.scale_kind == "float" and
-            ((f.kind == "int" and f.bits in (4, 8)) or (f.kind == "lut" and f.bits == 4)))
+def supports(bits: int, mode: str, group: int) -> bool:
+    """Whether the kernel handles a layout: 4/8-bit ``"int"`` codes or 4-bit ``"lut"`` codes, with
+    per-group float scales (``group > 0``)."""
+    return group > 0 and ((mode == "int" and bits in (4, 8)) or (mode == "lut" and bits == 4))
 
 
 def _block_k(k: int, g: int) -> int:
@@ -62,36 +63,33 @@ def _block_k(k: int, g: int) -> int:
     return g
 
 
-def prepare(q, block_k: int | None = None) -> KernelWeights:
-    """Repack a QArray (any axis) into the kernel layout (K, N) with K the contracted axis."""
-    from weightlab.quant.packing import unpack
+def pack_weights(codes, scale, zero=None, lut=None, *, bits: int, group: int, mode: str,
+                 block_k: int | None = None) -> KernelWeights:
+    """Kernel layout of a group-quantized (K, N) weight from plain arrays.
 
-    if not supports(q):
-        raise ValueError(f"the dequant-matmul kernel does not support {q!r}")
-    f = q.fmt
-    codes = unpack(q.codes, f.bits, q.shape[q.axis], q.axis)
-    scale = q.scale.reshape(q.scale.shape[0], q.scale.shape[2]) if q.axis == 0 else q.scale[:, :, 0]
-    zero = None if q.zero is None else (q.zero.reshape(scale.shape) if q.axis == 0 else q.zero[:, :, 0])
-    lut = q.lut
-    if q.axis == 1:  # (out, in) -> (in, out)
-        codes, scale = codes.T, scale.T
-        zero = None if zero is None else zero.T
-        lut = None if lut is None else lut.T
+    ``codes``: (K, N) integers in ``[0, 2^bits)``, unpacked; ``scale``: (K/group, N) float; ``mode="int"``:
+    values ``(code - zero) * scale`` with ``zero`` (K/group, N) (pass ``2^(bits-1)`` everywhere for a
+    symmetric grid); ``mode="lut"``: ``lut[code] * scale`` with ``lut`` (16,) or one table per column
+    (16, N).
+    """
+    if not supports(bits, mode, group):
+        raise ValueError(f"the dequant-matmul kernel does not support bits={bits} mode={mode!r} group={group}")
     k, n = codes.shape
-    bk = block_k or _block_k(k, q.group_size)
-    if k % bk or (q.group_size % bk and bk % q.group_size):
-        raise ValueError(f"block_k {bk} must divide K={k} and align with group {q.group_size}")
-    if f.kind == "int":
-        mode = "int"
-        if f.symmetric:
-            zero = jnp.full(scale.shape, 2 ** (f.bits - 1), jnp.float32)
-    else:
-        mode = "lut"
-        lut = jnp.asarray(np.asarray(f.lut, np.float32)) if lut is None else lut.astype(jnp.float32)
-    if f.bits == 4:
-        c = codes.astype(jnp.uint8).reshape(k // bk, 2, bk // 2, n)
+    if tuple(scale.shape) != (k // group, n):
+        raise ValueError(f"scale must be (K/group, N) = {(k // group, n)}, got {tuple(scale.shape)}")
+    if mode == "int" and (zero is None or tuple(zero.shape) != tuple(scale.shape)):
+        raise ValueError("mode='int' needs zero with the scale's shape (2^(bits-1) for symmetric grids)")
+    if mode == "lut" and lut is None:
+        raise ValueError("mode='lut' needs the table")
+    bk = block_k or _block_k(k, group)
+    if k % bk or (group % bk and bk % group):
+        raise ValueError(f"block_k {bk} must divide K={k} and align with group {group}")
+    codes = jnp.asarray(codes).astype(jnp.uint8)
+    if bits == 4:
+        c = codes.reshape(k // bk, 2, bk // 2, n)
         codes = (c[:, 0] | (c[:, 1] << 4)).reshape(k // 2, n)
-    return KernelWeights(codes.astype(jnp.uint8), scale, zero, lut, f.bits, q.group_size, bk, k, n, mode)
+    return KernelWeights(codes, jnp.asarray(scale), None if zero is None else jnp.asarray(zero, jnp.float32),
+                         None if lut is None else jnp.asarray(lut, jnp.float32), bits, group, bk, k, n, mode)
 
 
 def _values(c, mode, zero_row, scale_row, lut_ref):

@@ -4,7 +4,7 @@
     python scripts/merge_science.py --tasks 4 --seeds 0 --quick
 
 Prints a markdown table (mean over seeds, with the spread across seeds) and one JSON line; the
-protocol is in weightlab/merge/science.py.
+protocol is in weightlab/lab/merge_science.py.
 """
 
 import argparse
@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from weightlab.merge import science
+from weightlab.lab import merge_science as science
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

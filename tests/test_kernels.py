@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from weightlab import quant
-from weightlab.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference, prepare, supports
+from weightlab.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference, pack_weights
+from weightlab.quant.matmul import kernel_supports as supports, prepare
 
 CASES = [
     ("int4 sym g128", lambda w: quant.quantize_rtn(w, "int", 4, 128)),
@@ -32,6 +33,20 @@ def test_kernel_matches_reference(name, make, m, k, n):
     ref = dequant_matmul_reference(x, p)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(ref, x @ q.dequantize(), rtol=1e-5, atol=1e-5)  # layout round-trip is exact
+
+
+def test_kernel_takes_plain_arrays():
+    """The kernel knows no QArray: codes, scales and zeros as plain arrays give the same product."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (256, 64)).astype(np.uint8)
+    scale = rng.random((2, 64)).astype(np.float32) * 0.1
+    zero = rng.integers(0, 16, (2, 64)).astype(np.float32)
+    w = pack_weights(codes, scale, zero, bits=4, group=128, mode="int")
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.float32)
+    dense = (codes.astype(np.float64) - np.repeat(zero, 128, 0)) * np.repeat(scale, 128, 0)
+    np.testing.assert_allclose(dequant_matmul(x, w, interpret=True), np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="zero"):
+        pack_weights(codes, scale, None, bits=4, group=128, mode="int")
 
 
 def test_kernel_bf16_activations_and_torch_layout():

@@ -1,5 +1,6 @@
-"""weightlab.merge against float64 numpy implementations of mergekit's documented semantics, plus the
-published properties (N copies of theta give theta, lambda = 0 gives the base, reproducible DARE)."""
+"""weightlab.merge against float64 numpy implementations of mergekit's documented semantics, plus
+invariants that can fail (N copies of theta merge to theta, the order of the model list does not
+matter, reproducible DARE)."""
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def test_task_arithmetic_and_linear():
     base, ms = models()
     close(merge.task_arithmetic(base, ms, weight=W, lambda_=0.8), each(base, ms, lambda b, m: ref_gta(b, m, W, lam=0.8)))
     close(merge.task_arithmetic(base, ms, weight=W, **{"lambda": 0.8}), each(base, ms, lambda b, m: ref_gta(b, m, W, lam=0.8)))
-    lin = merge.linear(ms, weight=W)
+    lin = merge.linear(None, ms, weight=W)
     close(lin, each(base, ms, lambda b, m: sum(w * x.astype(np.float64) for w, x in zip(W, m)) / sum(W)))
 
 
@@ -168,8 +169,8 @@ def ref_slerp(t, a, b):
 
 def test_slerp_nearswap_model_stock_sce_karcher_match_references():
     base, ms = models(seed=6)
-    close(merge.slerp(ms[0], ms[1], t=0.3), each(ms[0], [ms[1]], lambda a, m: ref_slerp(0.3, a, m[0])), tol=1e-4)
-    ns = merge.nearswap(base, ms[0], t=0.2)
+    close(merge.slerp(ms[0], [ms[1]], t=0.3), each(ms[0], [ms[1]], lambda a, m: ref_slerp(0.3, a, m[0])), tol=1e-4)
+    ns = merge.nearswap(base, [ms[0]], t=0.2)
     ref = each(base, [ms[0]], lambda a, m: (lambda w: w * m[0] + (1 - w) * a)(np.clip(0.2 / np.maximum(np.abs(a - m[0]), 1e-6), 0, 1)))
     close(ns, ref)
 
@@ -219,7 +220,7 @@ def test_slerp_nearswap_model_stock_sce_karcher_match_references():
             u /= np.linalg.norm(u)
         return (np.mean(norms) * u).reshape(m[0].shape)
 
-    close(merge.karcher(ms), each(base, ms, lambda b, m: ref_karcher(m)), tol=1e-4)
+    close(merge.karcher(None, ms), each(base, ms, lambda b, m: ref_karcher(m)), tol=1e-4)
 
 
 @settings(max_examples=15, deadline=None)
@@ -231,11 +232,11 @@ def test_merging_copies_of_theta_gives_theta(n, method, seed):
     copies = [theta] * n
     kw = {}
     if method == "linear":
-        out = merge.linear(copies)
+        out = merge.linear(None, copies)
     elif method in ("slerp", "nearswap"):
-        out = getattr(merge, method)(theta, theta, t=0.4)
+        out = getattr(merge, method)(theta, [theta], t=0.4)
     elif method == "karcher":
-        out = merge.karcher(copies)
+        out = merge.karcher(None, copies)
     elif method == "model_stock":
         out = merge.model_stock(base, copies + [theta])
     elif method == "sce":
@@ -248,12 +249,40 @@ def test_merging_copies_of_theta_gives_theta(n, method, seed):
     close(out, jax.tree.map(np.asarray, theta), tol=2e-4)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                                    "breadcrumbs_ties", "della", "della_linear"])
-def test_lambda_zero_gives_base(method):
-    base, ms = models(seed=9, shapes=((12, 10),))
-    out = getattr(merge, method)(base, ms, density=0.5, lambda_=0.0, key=jax.random.key(0))
-    close(out, jax.tree.map(np.asarray, base), tol=0)
+ORDER_FREE = {  # methods that treat the models symmetrically (equal weights): the list order cannot matter
+    "task_arithmetic": {}, "ties": dict(density=0.4), "breadcrumbs": dict(density=0.6), "linear": {}, "karcher": {},
+    "model_stock": {}, "sce": dict(select_topk=0.5), "ram": {}, "ramplus_tl": {}, "consensus": {}, "pcb": {},
+    "tsv_m": {}, "iso_c": {}, "iso_cts": {}, "wudi": dict(steps=20, lr=1e-2), "multislerp": {},
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(sorted(ORDER_FREE)), st.permutations([0, 1, 2]), st.integers(0, 1000))
+def test_permuting_the_model_list_changes_nothing(method, perm, seed):
+    base, ms = models(n=3, seed=seed, shapes=((8, 6), (5,)))
+    fn = getattr(merge, method)
+    b = None if merge.METHODS[method].base == "unused" else base
+    a = fn(b, ms, **ORDER_FREE[method])
+    c = fn(b, [ms[i] for i in perm], **ORDER_FREE[method])
+    close(c, jax.tree.map(lambda x: np.asarray(x, np.float64), a), tol=1e-4)
+
+
+def test_n_copies_of_theta_merge_to_theta_for_every_averaging_method():
+    """Every method that averages (rather than adds) task vectors returns theta for N copies of theta."""
+    base, ms = models(n=1, seed=11, shapes=((8, 6), (5,)))
+    theta = ms[0]
+    want = jax.tree.map(np.asarray, theta)
+    cases = {"linear": {}, "karcher": {}, "ties": dict(density=1.0), "multislerp": {}, "nuslerp": dict(weight=[1, 1]),
+             "ram": {}, "magmax": {}, "model_stock": {}, "sce": {}, "fisher_merge": None, "regmean": None}
+    for method, kw in cases.items():
+        copies = [theta] * (2 if method == "nuslerp" else 3)
+        entry = merge.METHODS[method]
+        b = None if entry.base == "unused" else base
+        if method == "fisher_merge":
+            kw = dict(fishers=[jax.tree.map(np.ones_like, theta)] * 3)
+        if method == "regmean":
+            kw = dict(grams=[{"t0/kernel": np.eye(8)}] * 3)
+        close(getattr(merge, method)(b, copies, **kw), want, tol=2e-4)
 
 
 def test_leaf_order_and_jit_independence():
@@ -277,7 +306,7 @@ def test_bad_input_typed_errors():
         merge.ties(base, ms, density=0.0)
     with pytest.raises(MergeError, match="no models"):
         merge.ties(base, [])
-    with pytest.raises(MergeError, match="unknown parameters"):
+    with pytest.raises(MergeError, match="ties has no parameter 'desnity'"):
         merge.ties(base, ms, desnity=0.5)
     bad = jax.tree.map(lambda x: x, ms[0])
     bad["t0"]["kernel"] = np.zeros((6, 4), np.float32)
@@ -289,5 +318,15 @@ def test_bad_input_typed_errors():
         merge.task_arithmetic(base, [nan, ms[1]])
     with pytest.raises(MergeError, match="one value or 3"):
         merge.ties(base, ms, weight=[1.0, 2.0])
-    with pytest.raises(MergeError, match="at least two"):
+    with pytest.raises(MergeError, match="at least 2"):
         merge.model_stock(base, ms[:1])
+    with pytest.raises(MergeError, match="single model"):
+        merge.slerp(base, ms[0], t=0.5)  # a hurried user's (base, other): models must be a list or a stack
+    with pytest.raises(MergeError, match="needs the parameter 't'"):
+        merge.slerp(base, [ms[0]])
+    with pytest.raises(MergeError, match="t must be a number in"):
+        merge.slerp(base, [ms[0]], t=1.5)
+    with pytest.raises(MergeError, match="base=None"):
+        merge.linear(base, ms)
+    with pytest.raises(MergeError, match="sum to zero"):
+        merge.linear(None, ms[:2], weight=[1.0, -1.0])

@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 
+import weightlab as wl
 from weightlab import quant
-from weightlab.errors import QuantizationError
-from weightlab.quant import qat
-from weightlab.quant.rotate import fold_rotation, random_hadamard, walsh_hadamard
+from weightlab.errors import MissingExtraError, QuantizationError
+from weightlab.quant import training as qat
+from weightlab.quant.rotation import fold_rotation, random_hadamard, walsh_hadamard
 
 
 def layer(k=256, n=64, seed=0, outliers=True):
@@ -44,8 +45,12 @@ def test_awq_model_level():
     from weightlab.models import mlp
     m = mlp(jax.random.key(0), hidden=(64,))
     xs = [jax.random.normal(jax.random.key(i), (128, 40)) for i in range(2)]
-    q = quant.awq(m.apply_fn, m.params, xs, bits=4, group_size=8)
+    q = quant.quantize(m.params, "awq", apply_fn=m.apply_fn, batches=xs, bits=4, group_size=8, sequential=False)
     assert quant.is_qarray(q["dense_0"]["kernel"]) and q["dense_0"]["kernel"].pre is not None
+    stats = quant.capture(m.apply_fn, m.params, xs)
+    st = stats["dense_0/kernel"]
+    want = quant.awq_quantize(m.params["dense_0"]["kernel"], st.xtx / st.n, st.abs_mean, bits=4, group_size=8)
+    np.testing.assert_array_equal(np.asarray(q["dense_0"]["kernel"].codes), np.asarray(want.codes))
     with pytest.raises(QuantizationError, match="AWQ supports int"):
         quant.awq_quantize(np.ones((8, 8), np.float32), np.eye(8), np.ones(8), fmt="nf4", group_size=8)
 
@@ -77,8 +82,8 @@ def test_lowrank_corrections():
     x, w = layer(k=128, n=96)
     q = quant.quantize_rtn(w, "int", 3, 128)
     e0 = out_err(x, w, q.dequantize())
-    lo = quant.lorc(q, w, rank=16)
-    qe = quant.qera(q, w, x.T @ x / len(x), rank=16)
+    lo = quant.add_lorc(q, w, rank=16)
+    qe = quant.add_qera(q, w, x.T @ x / len(x), rank=16)
     assert lo.lr_a.shape == (128, 16) and lo.lr_b.shape == (16, 96)
     # LoRC is the best rank-16 fix of the weight error (Eckart-Young): weight error matches the SVD tail
     err = w - np.asarray(q.dequantize(), np.float64)
@@ -87,15 +92,43 @@ def test_lowrank_corrections():
                                np.sqrt((tail ** 2).sum()), rtol=2e-2)
     # QERA minimises the output error, so it beats LoRC there
     assert out_err(x, w, qe.dequantize()) < out_err(x, w, lo.dequantize()) < e0
-    full = quant.lorc(q, w, rank=96, dtype=jnp.float32)
+    full = quant.add_lorc(q, w, rank=96, dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(full.dequantize()), w, atol=1e-4)  # full rank recovers W
     with pytest.raises(QuantizationError, match="rank"):
-        quant.lorc(q, w, rank=0)
+        quant.add_lorc(q, w, rank=0)
+
+
+def test_wrappers_compose_as_transforms():
+    """rotate / lorc / qera wrap any quantizer transform; as transforms they equal the array functions."""
+    x, w = layer(k=128, n=32)
+    params = {"l": {"kernel": jnp.asarray(w)}, "b": jnp.zeros(32)}
+    xtx = x.T @ x
+    stats = {"l/kernel": quant.Stats(jnp.asarray(xtx, jnp.float32), jnp.asarray(np.abs(x).sum(0), jnp.float32),
+                                     jnp.float32(len(x)), 0)}
+    key = jax.random.key(7)
+    t = wl.select("kernel$", quant.qera(quant.rotate(quant.gptq(fmt="int", bits=3, group_size=64)), rank=4))
+    out = wl.apply_once(t, params, stats=stats, key=key)["l"]["kernel"]
+    r = random_hadamard(128, wl.tree.leaf_key(key, "l/kernel", "rotate"))
+    rot = quant.rotate_quantize(w, wl.tree.leaf_key(key, "l/kernel", "rotate"), quant.gptq_quantize,
+                                hessian=2 * xtx / len(x), fmt="int", bits=3, group_size=64)
+    want = quant.add_qera(rot, w, xtx / len(x), 4)
+    np.testing.assert_allclose(np.asarray(out.pre), np.asarray(r), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.dequantize()), np.asarray(want.dequantize()), rtol=1e-4, atol=1e-5)
+    assert out_err(x, w, out.dequantize()) < out_err(x, w, quant.quantize_rtn(w, "int", 3, 64).dequantize())
+    with pytest.raises(MissingExtraError, match="key="):
+        wl.apply_once(wl.select("kernel$", quant.rotate(quant.rtn())), params)
+    with pytest.raises(MissingExtraError, match="qera needs"):
+        wl.apply_once(wl.select("kernel$", quant.qera(quant.rtn(), rank=4)), params)
+    with pytest.raises(QuantizationError, match="rank 500"):
+        wl.apply_once(wl.select("kernel$", quant.lorc(quant.rtn(), rank=500)), params)
+    lo = wl.apply_once(wl.select("kernel$", quant.lorc(quant.rtn(bits=3, group_size=64), rank=8)), params)["l"]["kernel"]
+    ref = quant.add_lorc(quant.quantize_rtn(w, "uint", 3, 64), w, 8)
+    np.testing.assert_allclose(np.asarray(lo.dequantize()), np.asarray(ref.dequantize()), rtol=1e-5, atol=1e-6)
 
 
 def test_lowrank_and_pre_survive_save_load(tmp_path):
     x, w = layer(k=128, n=32)
-    q = quant.qera(quant.awq_quantize(w, x.T @ x / len(x), np.abs(x).mean(0), group_size=64), w, x.T @ x / len(x), 4)
+    q = quant.add_qera(quant.awq_quantize(w, x.T @ x / len(x), np.abs(x).mean(0), group_size=64), w, x.T @ x / len(x), 4)
     f = quant.save(tmp_path / "q.safetensors", {"l": {"kernel": q}})
     back = quant.load(f)["l"]["kernel"]
     np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(q.dequantize()))
@@ -103,15 +136,15 @@ def test_lowrank_and_pre_survive_save_load(tmp_path):
 
 def test_fake_quant_forward_is_quantized_and_gradient_is_straight_through():
     w = jax.random.normal(jax.random.key(0), (64, 8))
-    fq = qat.fake_quant(w, bits=3, group_size=32)
+    fq = qat.fake_quant(w, "int", bits=3, group_size=32)
     np.testing.assert_allclose(fq, quant.quantize_rtn(w, "int", 3, 32).dequantize(), rtol=1e-6)
-    g = jax.grad(lambda v: jnp.sum(qat.fake_quant(v, bits=3, group_size=32) * 2.0))(w)
+    g = jax.grad(lambda v: jnp.sum(qat.fake_quant(v, "int", bits=3, group_size=32) * 2.0))(w)
     np.testing.assert_allclose(g, 2.0 * jnp.ones_like(w))
 
 
 def test_lsq_gradient_reaches_step_size_and_export_matches_forward():
     w = jax.random.normal(jax.random.key(0), (40, 10))
-    steps = qat.lsq_init({"k": w}, bits=3, group_size=20, select_re="k")
+    steps = qat.lsq_init({"k": w}, bits=3, group_size=20, select="k")
     gs = jax.grad(lambda s: jnp.sum(qat.lsq_fake_quant(w, s, bits=3, group_size=20) ** 2))(steps["k"])
     assert gs.shape == steps["k"].shape and float(jnp.abs(gs).sum()) > 0
     q = qat.lsq_export({"k": w}, steps, bits=3, group_size=20)["k"]

@@ -18,6 +18,7 @@ commands:
   merge CFG OUT  merge checkpoints from a mergekit YAML config, streamed tensor by tensor
   extract-lora   PEFT LoRA adapter from base + fine-tune by truncated SVD
   merge-lora     merge PEFT LoRA adapters into one, in factor space (concat or SVD re-factoring)
+  methods        every registered quantization and merge method, with a one-line summary
   demo           the main job: train two MNIST-1D models and show each pillar on them
 
 examples:
@@ -34,17 +35,23 @@ Run `weightlab COMMAND --help` for a command's options.
 """
 
 
-DEFAULT_SELECT = r"(kernel|weight)$"
-DEFAULT_EXCLUDE = r"(embed|norm|LayerNorm|lm_head|pooler)"
+def _add_quantize_parser(sub, full: bool) -> None:
+    """``full``: list the registered methods (imports the quantizers, so only when this command runs)."""
+    from .quant.defaults import DEFAULTS
 
+    methods = None
+    if full:
+        from .quant.registry import METHODS
 
-def _add_quantize_parser(sub) -> None:
+        methods = METHODS.names(calibrated=False)
     q = sub.add_parser(
         "quantize", help="quantize a safetensors checkpoint (data-free methods)",
         description="Quantize every 2-D float tensor whose name matches --select (and not --exclude) with a "
                     "data-free method, and write a safetensors file whose header records each QArray's layout "
                     "(`weightlab info` shows true sizes; weightlab.quant.load rebuilds the QArrays). "
-                    "Calibration-based methods (GPTQ, AWQ) run from Python: weightlab.quant.gptq(...).",
+                    "Calibration-based methods (GPTQ, AWQ) run from Python: "
+                    "weightlab.quant.quantize(params, 'gptq', apply_fn=..., batches=...). "
+                    "`weightlab methods` lists every method.",
         epilog="examples:\n  weightlab quantize model.safetensors q.safetensors --method rtn --bits 4 --group-size 128\n"
                "  weightlab quantize ./hf-dir q.safetensors --method hqq --bits 3 --group-size 64\n"
                "  weightlab quantize ./hf-dir q.safetensors --method rtn --format nf4 --group-size 64\n"
@@ -52,16 +59,19 @@ def _add_quantize_parser(sub) -> None:
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     q.add_argument("input", help="a .safetensors file or a Hugging Face checkpoint directory")
     q.add_argument("output", help="output .safetensors file (refused if it exists, unless --overwrite)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "hqq", "any4"])
-    q.add_argument("--format", default="int", help="rtn only: int, uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
-                                                   "fp8_e5m2, mxfp4, nvfp4 (default int)")
-    q.add_argument("--bits", type=int, default=4, help="bits for int formats and hqq (default 4)")
-    q.add_argument("--group-size", default="128", help="weights per scale along the input axis: a number, "
-                                                       "'channel' or 'tensor' (default 128)")
+    q.add_argument("--method", default="rtn", choices=methods, help="a data-free quantizer (default rtn)")
+    q.add_argument("--format", default=None, help=f"rtn: int (symmetric), uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
+                                                  f"fp8_e5m2, mxfp4, nvfp4 (default {DEFAULTS['fmt']})")
+    q.add_argument("--bits", type=int, default=None, help=f"bits of int formats (rtn, hqq; default {DEFAULTS['bits']})")
+    q.add_argument("--group-size", default=None, help="weights per scale along the input axis: a number, 'auto' "
+                                                      "(128, or the format's block), 'channel' or 'tensor' "
+                                                      "(default auto)")
     q.add_argument("--axis", type=int, default=None, help="input axis; default -1 for names ending in '.weight' "
                                                           "(PyTorch (out, in)) and -2 otherwise")
-    q.add_argument("--select", default=DEFAULT_SELECT, help=f"regex of tensors to quantize (default {DEFAULT_SELECT!r})")
-    q.add_argument("--exclude", default=DEFAULT_EXCLUDE, help=f"regex of tensors to keep (default {DEFAULT_EXCLUDE!r})")
+    q.add_argument("--select", default=DEFAULTS["select"],
+                   help=f"regex of tensors to quantize (default {DEFAULTS['select']!r})")
+    q.add_argument("--exclude", default=DEFAULTS["exclude"],
+                   help=f"regex of tensors to keep (default {DEFAULTS['exclude']!r})")
     q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=_run_quantize)
@@ -84,8 +94,9 @@ def _fmt_bytes(n: int) -> str:
 def cmd_info(args) -> int:
     import numpy as np
 
+    from .dtypes import true_bytes
     from .io import open_checkpoint
-    from .io.safetensors import QARRAY_KEY, qarray_specs, true_bytes
+    from .quant.checkpoint import METADATA_KEY, qarray_specs
 
     path = Path(args.path)
     with open_checkpoint(path) as c:
@@ -121,8 +132,8 @@ def cmd_info(args) -> int:
     print(f"\n{len(rows)} tensors, {total_params:,} parameters, {_fmt_bytes(total_bytes)} (true bytes)")
     for d, (t, p, b) in sorted(by_dtype.items()):
         print(f"  {d:<14} {t:>5} tensors {p:>14,} params {_fmt_bytes(b):>12}")
-    qspecs = qarray_specs(meta)
-    meta.pop(QARRAY_KEY, None)
+    qspecs = qarray_specs(meta, str(path))
+    meta.pop(METADATA_KEY, None)
     if qspecs:
         dense = sum(int(np.prod(v["shape"])) * np.dtype(v["dtype"]).itemsize for v in qspecs.values())
         packed = sum(b for n, _, _, b in rows if any(n.startswith(p + "/") for p in qspecs))
@@ -137,13 +148,28 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .lab.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_methods(args) -> int:
+    """Every registered method of every pillar, from the registries."""
+    pillars = {"merge": "weightlab.merge.registry", "quant": "weightlab.quant.registry"}
+    import importlib
+
+    for pillar, mod in pillars.items():
+        if args.pillar not in (None, pillar):
+            continue
+        reg = importlib.import_module(mod).METHODS
+        print(f"{pillar} methods:")
+        for e in reg.entries():
+            print(f"  {e.name:<18} {e.summary}")
+    return 0
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weightlab", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -159,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_info)
     from .merge import cli as merge_cli
 
-    _add_quantize_parser(sub)
+    _add_quantize_parser(sub, full=argv is None or argv[:1] == ["quantize"])
     merge_cli.add_parser(sub)
+    ms = sub.add_parser("methods", help="list every registered method (quantization, merging)",
+                        description="The methods each pillar's registry knows, with a one-line summary.")
+    ms.add_argument("--pillar", choices=["merge", "quant"], default=None)
+    ms.set_defaults(fn=cmd_methods)
     d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
                        description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "
                                    "what weightlab does to them; writes PNG plots and summary.json.")
@@ -171,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()

@@ -22,18 +22,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
-import optax
+from . import _lazy, tree as wtree
+from .errors import MissingExtraError, NoMatchError, PartitionError, StructureMismatchError
 
-from . import tree as wtree
-from .errors import MissingExtraError, NoMatchError, PartitionError
+jax = _lazy.module("jax")        # deferred: pillar registries import this module without JAX
+optax = _lazy.module("optax")
 
 Params = Any
 State = Any
 
 __all__ = [
     "WeightTransform", "EmptyState", "MaskedNode", "identity", "stateless", "per_leaf", "chain",
-    "select", "partition", "as_optax", "from_optax", "apply_once",
+    "select", "partition", "mask_extras", "TREE_EXTRAS", "as_optax", "from_optax", "apply_once",
 ]
 
 
@@ -77,11 +77,12 @@ def stateless(fn: Callable[..., Params]) -> WeightTransform:
 
 
 def per_leaf(fn: Callable[..., Any], *, salt: str = "", needs_key: bool = False) -> WeightTransform:
-    """Stateless transform applying ``fn(leaf, path=..., key=...)`` to every array leaf.
+    """Stateless transform applying ``fn(leaf, path=..., key=...)`` to every weight leaf (arrays,
+    and atomic nodes such as a QArray, which ``fn`` receives whole).
 
     ``key`` is :func:`weightlab.tree.leaf_key` of the ``key`` extra, the leaf's path and ``salt``
     (``None`` when no key was passed; with ``needs_key=True`` that is a :class:`MissingExtraError`).
-    Non-array leaves pass through.
+    Other leaves (functions, ``None`` ...) pass through.
     """
 
     def apply(params, state, **extras):
@@ -90,12 +91,12 @@ def per_leaf(fn: Callable[..., Any], *, salt: str = "", needs_key: bool = False)
             raise MissingExtraError("this transform is random: call apply(..., key=jax.random.key(n))")
 
         def one(path, x):
-            if not wtree.is_array(x):
+            if not wtree.is_weight(x):
                 return x
             k = None if base is None else wtree.leaf_key(base, path, salt)
             return fn(x, path=path, key=k)
 
-        return wtree.map_with_path(one, params), state
+        return wtree.map_with_path(one, params, is_leaf=wtree.is_atomic), state
 
     return WeightTransform(_empty_init, apply)
 
@@ -123,109 +124,223 @@ def chain(*transforms: WeightTransform) -> WeightTransform:
 
 # ---------------------------------------------------------------------------- select / partition
 
+TREE_EXTRAS = ("grads", "models", "reference", "fishers")
+"""Extras that must mirror the params (or be a list of params-shaped trees): ``select``/``partition``
+hide the same leaves in them, and a mismatch is a typed error naming the first differing path."""
+
+
 class SelectState(NamedTuple):
     inner: Any
 
 
-def _hide(params, keep):
-    """Replace leaves whose mask is False by MaskedNode (the inner transform cannot see them)."""
-    return jax.tree.map(lambda x, k: x if k else MaskedNode(), params, keep)
+class _View(NamedTuple):
+    """The params flattened to weight leaves (arrays and atomic nodes such as QArray)."""
+    paths: list
+    leaves: list
+    treedef: Any
 
 
-def _restore(params, new_sub, keep):
-    """Put the inner transform's outputs back; unselected leaves are the original objects."""
-    return jax.tree.map(lambda x, new, k: new if k else x, params, new_sub, keep)
+def _view(params) -> _View:
+    pairs, treedef = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)
+    return _View([p for p, _ in pairs], [x for _, x in pairs], treedef)
 
 
-def select(selector: wtree.Selector, inner: WeightTransform, *, strict: bool = True) -> WeightTransform:
-    """Apply ``inner`` only to the array leaves whose path matches ``selector``.
+def _hide(view: _View, keep) -> Any:
+    """The params with unselected leaves replaced by MaskedNode (the inner transform cannot see them)."""
+    return view.treedef.unflatten([x if k else MaskedNode() for x, k in zip(view.leaves, keep)])
 
-    ``selector`` is a regex searched in the path (``"attn/(query|key)/kernel$"``), a list of regexes,
-    or ``pred(path, leaf) -> bool``. The inner transform sees the same tree with unmatched leaves
-    replaced by an empty :class:`MaskedNode`, so paths are unchanged. Unmatched leaves come back as
-    the same objects. With ``strict`` a selector that matches no array leaf raises
-    :class:`NoMatchError` (a typo should not silently do nothing).
+
+def _mirror(view: _View, value) -> str | None:
+    """'tree' if ``value`` has the params' weight-leaf paths, 'list' for a list/tuple of such trees."""
+    def same(v):
+        try:
+            return [p for p, _ in wtree.flatten_with_paths(v, is_leaf=wtree.is_atomic)[0]] == view.paths
+        except Exception:  # path collisions etc.: not a mirror
+            return False
+
+    if value is None:
+        return None
+    if same(value):
+        return "tree"
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields") and value and all(same(v) for v in value):
+        return "list"
+    return None
+
+
+def _hide_like(view: _View, value, keep):
+    pairs, treedef = wtree.flatten_with_paths(value, is_leaf=wtree.is_atomic)
+    return treedef.unflatten([x if k else MaskedNode() for (_, x), k in zip(pairs, keep)])
+
+
+def _check_tree_extra(view: _View, name: str, value) -> None:
+    """A TREE_EXTRAS value that mirrors nothing: name the first path where it differs."""
+    one = value[0] if isinstance(value, (list, tuple)) and value and not hasattr(value, "_fields") else value
+    try:
+        got = [p for p, _ in wtree.flatten_with_paths(one, is_leaf=wtree.is_atomic)[0]]
+    except Exception as e:
+        raise StructureMismatchError("", "a tree like the params", f"{type(e).__name__}: {e}", what=f"{name}=") from None
+    gs, ws = set(got), set(view.paths)
+    for p in view.paths:
+        if p not in gs:
+            raise StructureMismatchError(p, "a leaf (as in the params)", f"missing from {name}=", what=f"{name}=")
+    for p in got:
+        if p not in ws:
+            raise StructureMismatchError(p, "no leaf (absent from the params)", f"an extra leaf in {name}=",
+                                         what=f"{name}=")
+    raise StructureMismatchError("", "the params' leaf order", f"another order in {name}=", what=f"{name}=")
+
+
+def mask_extras(params, keep, extras: Mapping[str, Any]) -> dict:
+    """``extras`` with the leaves where ``keep`` (a list over the params' weight leaves) is False
+    hidden in every extra that mirrors the params (a params-shaped tree, or a list/tuple of them,
+    as ``models=``); other extras pass unchanged. The names in :data:`TREE_EXTRAS` must mirror the
+    params or a :class:`~weightlab.errors.StructureMismatchError` names the first differing path."""
+    view = params if isinstance(params, _View) else _view(params)
+    out = {}
+    for name, v in extras.items():
+        kind = _mirror(view, v)
+        if kind == "tree":
+            out[name] = _hide_like(view, v, keep)
+        elif kind == "list":
+            out[name] = type(v)(_hide_like(view, e, keep) for e in v)
+        else:
+            if name in TREE_EXTRAS and v is not None:
+                _check_tree_extra(view, name, v)
+            out[name] = v
+    return out
+
+
+def _restore(view: _View, out: list, sub, keep) -> None:
+    """Write the inner transform's outputs for the kept leaves into ``out`` (a leaf list). Outputs
+    may change type (array -> QArray): ``sub`` is read up to the params' weight leaves."""
+    try:
+        new = view.treedef.flatten_up_to(sub)
+    except (ValueError, TypeError) as e:
+        raise StructureMismatchError("", "the inner transform to return the tree it was given",
+                                     f"another structure ({e})") from None
+    for i, (k, x) in enumerate(zip(keep, new)):
+        if k:
+            out[i] = x
+
+
+def _keep(view: _View, sel: wtree.Selector) -> list:
+    return [bool(wtree.is_weight(x) and sel(p, x)) for p, x in zip(view.paths, view.leaves)]
+
+
+def select(selector: wtree.SelectorLike, inner: WeightTransform, *, strict: bool = True) -> WeightTransform:
+    """Apply ``inner`` only to the weight leaves whose path matches ``selector``.
+
+    ``selector``: anything :func:`weightlab.tree.selector` accepts (a regex searched in the path, a
+    list of regexes, a predicate ``fn(path)`` / ``fn(path, leaf)``, a :class:`~weightlab.tree.Selector`).
+    The inner transform sees the same tree with unmatched leaves replaced by an empty
+    :class:`MaskedNode` (paths unchanged), and so do extras that mirror the params (``grads=``,
+    ``models=``, ``reference=`` ..., see :func:`mask_extras`). A quantized leaf (QArray) is one leaf:
+    selected or hidden whole. The inner transform may change a selected leaf's type (array ->
+    QArray). Unmatched leaves come back as the same objects. With ``strict`` a selector that
+    matches no leaf raises :class:`NoMatchError` (a typo should not silently do nothing).
     """
-    pred = wtree.predicate(selector)
+    sel = wtree.selector(selector)
 
-    def _mask(params):
-        keep = wtree.mask(params, pred)
-        if strict and not any(jax.tree.leaves(keep)):
-            sample = ", ".join(wtree.paths(params)[:5])
-            raise NoMatchError(f"selector {selector!r} matches no array leaf (paths look like: {sample})")
+    def _mask(view):
+        keep = _keep(view, sel)
+        if strict and not any(keep):
+            sample = ", ".join(view.paths[:5])
+            raise NoMatchError(f"selector {sel!r} matches no weight leaf (paths look like: {sample})")
         return keep
 
     def init(params):
-        return SelectState(inner.init(_hide(params, _mask(params))))
+        view = _view(params)
+        return SelectState(inner.init(_hide(view, _mask(view))))
 
     def apply(params, state, **extras):
-        keep = _mask(params)
-        new_sub, inner_state = inner.apply(_hide(params, keep), state.inner, **extras)
-        return _restore(params, new_sub, keep), SelectState(inner_state)
+        view = _view(params)
+        keep = _mask(view)
+        extras = mask_extras(view, keep, extras)
+        new_sub, inner_state = inner.apply(_hide(view, keep), state.inner, **extras)
+        out = list(view.leaves)
+        _restore(view, out, new_sub, keep)
+        return view.treedef.unflatten(out), SelectState(inner_state)
 
     return WeightTransform(init, apply)
 
 
-def _labels(params, transforms: Mapping[str, WeightTransform], labels, default) -> Any:
-    """Pytree of group labels (None for non-array leaves); errors for 0 or 2+ claims."""
+def _labels(view: _View, transforms: Mapping[str, WeightTransform], labels, default, strict: bool) -> list:
+    """Group label of every weight leaf (None for non-weight leaves); errors for 0 or 2+ claims."""
+    regex_keys = labels is None
     if callable(labels):
         fn = labels
     elif labels is not None:  # a pytree of labels
-        pairs = dict(wtree.flatten_with_paths(labels)[0])
+        pairs = dict(wtree.flatten_with_paths(labels, is_leaf=lambda x: x is None or isinstance(x, str))[0])
         fn = lambda p, x: pairs.get(p)
     else:
-        preds = {name: wtree.predicate(name) for name in transforms}
+        sels = {name: wtree.selector(name) for name in transforms}
 
         def fn(p, x):
-            hits = [name for name, pr in preds.items() if pr(p, x)]
+            hits = [name for name, s in sels.items() if s(p, x)]
             if len(hits) > 1:
                 raise PartitionError(f"leaf '{p}' is claimed by several groups: {hits}")
             return hits[0] if hits else None
 
-    def one(p, x):
-        if not wtree.is_array(x):
-            return None
+    out = []
+    for p, x in zip(view.paths, view.leaves):
+        if not wtree.is_weight(x):
+            out.append(None)
+            continue
         lab = fn(p, x)
         if lab is None:
             if default is None:
                 raise PartitionError(f"leaf '{p}' belongs to no group of {list(transforms)} "
                                      "(pass default=identity() to leave such leaves alone)")
-            return "__default__"
-        if lab not in transforms:
+            lab = "__default__"
+        elif lab not in transforms:
             raise PartitionError(f"leaf '{p}' has label {lab!r}, which has no transform")
-        return lab
-
-    return wtree.map_with_path(one, params)
+        out.append(lab)
+    if regex_keys and strict:
+        unused = [name for name in transforms if name not in out]
+        if unused:
+            raise NoMatchError(f"partition group {unused[0]!r} matches no weight leaf (paths look like: "
+                               f"{', '.join(view.paths[:5])})")
+    return out
 
 
 def partition(transforms: Mapping[str, WeightTransform], labels=None, *,
-              default: WeightTransform | None = None) -> WeightTransform:
+              default: WeightTransform | None = None, strict: bool = True) -> WeightTransform:
     """Different transforms for disjoint groups of leaves (like ``optax.multi_transform``).
 
-    Without ``labels`` the keys of ``transforms`` are regexes on paths. ``labels`` may instead be a
-    function ``(path, leaf) -> name`` or a pytree of names. Every array leaf must belong to exactly
-    one group: a leaf in none (and no ``default``) or in several raises :class:`PartitionError`
-    before any transform runs. The state is a dict of the groups' states.
+    Without ``labels`` the keys of ``transforms`` are selectors (regexes on paths). ``labels`` may
+    instead be a function ``(path, leaf) -> name`` or a pytree of names. Every weight leaf must
+    belong to exactly one group: a leaf in none (and no ``default``) or in several raises
+    :class:`PartitionError`, and (with ``strict``) a regex group that matches nothing raises
+    :class:`NoMatchError`, before any transform runs. Each group sees only its leaves, in the params
+    and in every extra that mirrors them; groups may change their leaves' types (mixed precision:
+    ``partition({"attn/": quant.rtn(bits=4), "mlp/": quant.rtn(bits=8)}, default=identity())``).
+    The state is a dict of the groups' states.
     """
     groups = dict(transforms)
     if default is not None:
         groups["__default__"] = default
 
-    def _masks(params):
-        labs = _labels(params, transforms, labels, default)
-        return {name: jax.tree.map(lambda l, n=name: l == n, labs, is_leaf=lambda x: x is None)
-                for name in groups}
+    def _masks(view):
+        labs = _labels(view, transforms, labels, default, strict)
+        return {name: [lab == name for lab in labs] for name in groups}
 
     def init(params):
-        return {name: t.init(_hide(params, m)) for (name, t), m in zip(groups.items(), _masks(params).values())}
+        view = _view(params)
+        masks = _masks(view)
+        return {name: t.init(_hide(view, masks[name])) for name, t in groups.items()}
 
     def apply(params, state, **extras):
-        masks = _masks(params)
-        out, new_state = params, {}
+        view = _view(params)
+        masks = _masks(view)
+        out, new_state = list(view.leaves), {}
         for name, t in groups.items():
-            sub, new_state[name] = t.apply(_hide(params, masks[name]), state[name], **extras)
-            out = _restore(out, sub, masks[name])
-        return out, new_state
+            keep = masks[name]
+            if not any(keep):
+                new_state[name] = state[name]
+                continue
+            sub, new_state[name] = t.apply(_hide(view, keep), state[name], **mask_extras(view, keep, extras))
+            _restore(view, out, sub, keep)
+        return view.treedef.unflatten(out), new_state
 
     return WeightTransform(init, apply)
 

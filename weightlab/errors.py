@@ -38,7 +38,11 @@ class PathCollisionError(WeightlabError, ValueError):
     """Two different leaves format to the same string path (e.g. dict keys ``0`` and ``"0"``)."""
 
 
-class NoMatchError(WeightlabError, ValueError):
+class SelectorError(WeightlabError, ValueError):
+    """A ``select=`` value is not a selector (bad regex, unsupported type)."""
+
+
+class NoMatchError(SelectorError):
     """A selection pattern matched no array leaf (almost always a typo in the pattern)."""
 
 
@@ -47,7 +51,12 @@ class PartitionError(WeightlabError, ValueError):
 
 
 class MissingExtraError(WeightlabError, TypeError):
-    """A transform needs a keyword extra (``key=``, ``grads=`` ...) that ``apply`` did not receive."""
+    """A transform needs a keyword extra (``key=``, ``grads=`` ...) that ``apply`` did not receive,
+    or an extra lacks an entry for a leaf the transform selected (``stats=`` without that path)."""
+
+
+class RegistryError(WeightlabError, ValueError):
+    """A method name is unknown to a pillar's registry, or registered twice."""
 
 
 class CheckpointError(WeightlabError, ValueError):
@@ -72,6 +81,10 @@ class DependencyMissingError(WeightlabError, ImportError):
 
 class QuantizationError(WeightlabError, ValueError):
     """A leaf cannot be quantized as asked (bad bits/format, group size, non-float, NaN/Inf, ...)."""
+
+
+class QuantizationParameterError(QuantizationError, TypeError):
+    """A quantizer was given a hyper-parameter it does not have."""
 
 
 class AlreadyQuantizedError(QuantizationError):

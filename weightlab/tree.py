@@ -15,22 +15,24 @@ import sys
 import zlib
 from typing import Any, Callable, Iterable, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .errors import DTypeMismatchError, PathCollisionError, ShapeMismatchError, StructureMismatchError
+from . import _lazy
+from .dtypes import true_bytes
+from .errors import DTypeMismatchError, PathCollisionError, SelectorError, ShapeMismatchError, StructureMismatchError
+
+jax = _lazy.module("jax")  # deferred: the merge registry and a linear merge load this without JAX
+jnp = _lazy.module("jax.numpy")
 
 PyTree = Any
 Predicate = Callable[[str, Any], bool]
-Selector = Union[str, re.Pattern, Sequence[str], Predicate, None]
 
 SEP = "/"
 
 __all__ = [
     "keystr", "flatten_with_paths", "paths", "to_flat_dict", "from_flat_dict", "map_with_path",
-    "predicate", "mask", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
-    "is_array", "true_nbytes", "tree_nbytes", "param_count", "describe",
+    "Selector", "SelectorLike", "selector", "predicate", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
+    "is_array", "nonfinite", "true_nbytes", "tree_nbytes", "param_count", "describe",
 ]
 
 
@@ -156,11 +158,16 @@ def from_flat_dict(flat: dict[str, Any], like: PyTree | None = None, *, check: b
     return treedef.unflatten(leaves)
 
 
-def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """``fn(path, leaf, *rest_leaves)`` for every leaf; ``rest`` trees must share ``tree``'s structure."""
-    pairs, treedef = flatten_with_paths(tree)
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree,
+                  is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+    """``fn(path, leaf, *rest_leaves)`` for every leaf; ``rest`` trees must share ``tree``'s structure
+    (up to ``tree``'s leaves: with ``is_leaf=is_atomic`` a QArray in ``tree`` is one leaf)."""
+    pairs, treedef = flatten_with_paths(tree, is_leaf=is_leaf)
     rest_leaves = []
     for i, r in enumerate(rest):
+        if is_leaf is not None:
+            rest_leaves.append(treedef.flatten_up_to(r))
+            continue
         rl, rdef = jax.tree_util.tree_flatten(r)
         if rdef != treedef:
             check_compatible(tree, r, shapes=False, dtypes=False, names=("tree", f"rest[{i}]"))
@@ -171,30 +178,111 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree
 
 # ------------------------------------------------------------------------------------- selection
 
-def predicate(selector: Selector) -> Predicate:
-    """Turn a selector into ``pred(path, leaf) -> bool``.
+class Selector:
+    """Which leaves a function touches: the one selection type of every public weightlab API.
 
-    A string (or compiled regex) matches with ``re.search`` on the path (anchor with ``^``/``$`` for
-    an exact match); a list of strings matches if any does; a callable is used as is; ``None``
-    matches everything. Only array leaves are ever selected by :func:`mask`.
+    Built by :func:`selector` from a regex searched in the path (``"attn/(query|key)/kernel$"``), a
+    list of regexes (any may match), a predicate on the path (``fn(path)`` or ``fn(path, leaf)``), or
+    ``None`` (everything). Selectors combine with ``&``, ``|`` and ``~``, and :func:`selector` adds
+    ``exclude=`` and ``min_ndim=`` (so ``selector("kernel$", exclude="embed", min_ndim=2)`` is one
+    value that every function taking ``select=`` understands). ``sel(path, leaf) -> bool``.
     """
-    if selector is None:
-        return lambda path, leaf: True
-    if isinstance(selector, (str, re.Pattern)):
-        rx = re.compile(selector)
-        return lambda path, leaf: rx.search(path) is not None
-    if callable(selector):
-        return selector
-    if isinstance(selector, (list, tuple)) and all(isinstance(s, (str, re.Pattern)) for s in selector):
-        rxs = [re.compile(s) for s in selector]
-        return lambda path, leaf: any(r.search(path) for r in rxs)
-    raise TypeError(f"selector must be a regex string, a list of them, a predicate or None; got {selector!r}")
+
+    __slots__ = ("_fn", "_desc")
+
+    def __init__(self, fn: Callable[[str, Any], bool], desc: str):
+        self._fn, self._desc = fn, desc
+
+    def __call__(self, path: str, leaf: Any = None) -> bool:
+        return bool(self._fn(path, leaf))
+
+    def __and__(self, other) -> "Selector":
+        o = selector(other)
+        return Selector(lambda p, x: self._fn(p, x) and o._fn(p, x), f"({self._desc} & {o._desc})")
+
+    def __or__(self, other) -> "Selector":
+        o = selector(other)
+        return Selector(lambda p, x: self._fn(p, x) or o._fn(p, x), f"({self._desc} | {o._desc})")
+
+    def __invert__(self) -> "Selector":
+        return Selector(lambda p, x: not self._fn(p, x), f"~{self._desc}")
+
+    def __repr__(self) -> str:
+        return f"Selector({self._desc})"
+
+    def mask(self, tree: PyTree) -> PyTree:
+        """See :func:`mask`."""
+        return mask(tree, self)
+
+    def paths(self, tree: PyTree) -> list[str]:
+        """Paths of the array (or atomic) leaves of ``tree`` this selects, in leaf order."""
+        return [p for p, x in flatten_with_paths(tree, is_leaf=is_atomic)[0] if is_weight(x) and self(p, x)]
 
 
-def mask(tree: PyTree, selector: Selector) -> PyTree:
-    """Pytree of Python bools: True where the leaf is an array and the selector matches its path."""
-    pred = predicate(selector)
-    return map_with_path(lambda p, x: bool(is_array(x) and pred(p, x)), tree)
+SelectorLike = Union[Selector, str, re.Pattern, Sequence[str], Callable[..., bool], None]
+
+
+def _arity(fn) -> int:
+    import inspect
+
+    try:
+        ps = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+        var = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return 2
+    return 2 if var or len(ps) >= 2 else 1
+
+
+def _compile(rx, what="selector") -> re.Pattern:
+    if isinstance(rx, re.Pattern):
+        return rx
+    try:
+        return re.compile(rx)
+    except re.error as e:
+        raise SelectorError(f"{what} {rx!r} is not a valid regular expression: {e}") from None
+
+
+def selector(spec: SelectorLike = None, *, exclude: SelectorLike = None, min_ndim: int | None = None) -> Selector:
+    """Normalise anything a ``select=`` argument accepts into a :class:`Selector` (see there).
+
+    ``exclude`` removes what it matches; ``min_ndim`` keeps only leaves with at least that many
+    axes. A bad regex or an unsupported type raises :class:`~weightlab.errors.SelectorError`.
+    """
+    if isinstance(spec, Selector):
+        sel = spec
+    elif spec is None:
+        sel = Selector(lambda p, x: True, "all")
+    elif isinstance(spec, (str, re.Pattern)):
+        rx = _compile(spec)
+        sel = Selector(lambda p, x: rx.search(p) is not None, repr(rx.pattern))
+    elif callable(spec):
+        fn = spec if _arity(spec) == 2 else (lambda p, x, f=spec: f(p))
+        sel = Selector(fn, getattr(spec, "__name__", "predicate"))
+    elif isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, re.Pattern)) for s in spec):
+        rxs = [_compile(s) for s in spec]
+        sel = Selector(lambda p, x: any(r.search(p) for r in rxs), repr([r.pattern for r in rxs]))
+    else:
+        raise SelectorError(f"a selector is a regex string, a non-empty list of them, a predicate fn(path) / "
+                            f"fn(path, leaf), a Selector or None; got {spec!r}")
+    if exclude is not None:
+        sel = sel & ~selector(exclude)
+    if min_ndim is not None:
+        k = int(min_ndim)
+        sel = sel & Selector(lambda p, x: np.ndim(x) >= k if x is not None else True, f"ndim>={k}")
+    return sel
+
+
+def predicate(spec: SelectorLike) -> Selector:
+    """Alias of :func:`selector` (a :class:`Selector` is a ``pred(path, leaf) -> bool``)."""
+    return selector(spec)
+
+
+def mask(tree: PyTree, spec: SelectorLike) -> PyTree:
+    """Pytree of Python bools over the *weight leaves* of ``tree`` (arrays and atomic nodes such as
+    QArray, see :func:`is_atomic`): True where the selector matches the leaf's path."""
+    sel = selector(spec)
+    return map_with_path(lambda p, x: bool(is_weight(x) and sel(p, x)), tree, is_leaf=is_atomic)
 
 
 # ---------------------------------------------------------------------------- stacks of models
@@ -258,6 +346,19 @@ def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, np.generic))
 
 
+def is_atomic(x: Any) -> bool:
+    """True for pytree nodes that stand for *one* weight and must be selected, hidden and replaced
+    whole (a quantized array's codes, scales and zeros are one leaf to ``select``/``partition``).
+    A class opts in with the class attribute ``__weightlab_atomic__ = True`` (the ground layer
+    knows no pillar's types)."""
+    return getattr(type(x), "__weightlab_atomic__", False) is True
+
+
+def is_weight(x: Any) -> bool:
+    """An array leaf or an atomic weight node (:func:`is_atomic`)."""
+    return is_array(x) or is_atomic(x)
+
+
 def _leaf_desc(x) -> str:
     if is_array(x):
         return f"array{tuple(np.shape(x))} {np.dtype(x.dtype)}"
@@ -300,6 +401,37 @@ def check_compatible(a: PyTree, b: PyTree, *more: PyTree, shapes: bool = True, d
                 raise DTypeMismatchError(p, np.dtype(x.dtype), np.dtype(y.dtype))
 
 
+def _concrete_float(x) -> bool:
+    return (is_array(x) and not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+            and jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+@_lazy.jit
+def _finite_flags(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite(tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
+    """Paths of the float array leaves that hold NaN or Inf.
+
+    One jitted reduction over all leaves and one host fetch of a bool per leaf, so it also runs on
+    sharded arrays (the flags come back replicated). Abstract leaves (tracers under ``jit``,
+    ``ShapeDtypeStruct``) cannot be checked and are skipped. ``tree`` may also be a list of
+    ``(path, leaf)`` pairs."""
+    pairs = tree if isinstance(tree, list) and all(isinstance(e, tuple) and len(e) == 2 for e in tree) \
+        else flatten_with_paths(tree, is_leaf=is_leaf)[0]
+    todo = [(p, x) for p, x in pairs if _concrete_float(x)]
+    on_device = [(p, x) for p, x in todo if isinstance(x, jax.Array)]
+    flags = dict(zip([p for p, _ in on_device], np.asarray(_finite_flags([x for _, x in on_device])))) \
+        if on_device else {}
+    bad = []
+    for p, x in todo:  # host (numpy) arrays are checked where they are
+        ok = flags[p] if p in flags else bool(np.isfinite(np.asarray(x)).all())
+        if not ok:
+            bad.append(p)
+    return bad
+
+
 # ------------------------------------------------------------------------------------ accounting
 
 def true_nbytes(x) -> int:
@@ -309,8 +441,6 @@ def true_nbytes(x) -> int:
     """
     if not is_array(x):
         return 0
-    from .io.safetensors import true_bytes
-
     return true_bytes(np.shape(x), x.dtype)
 
 

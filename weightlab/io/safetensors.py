@@ -380,30 +380,6 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-QARRAY_KEY = "weightlab.qarrays"
-"""Header-metadata key under which :func:`weightlab.quant.save` records each QArray's layout."""
-
-
-def qarray_specs(metadata: Mapping[str, str]) -> dict:
-    """The QArray layouts recorded in a checkpoint's metadata (``{}`` for a plain checkpoint)."""
-    return json.loads(metadata.get(QARRAY_KEY, "{}") or "{}")
-
-
-def true_bytes(shape, dtype) -> int:
-    """Bytes ``shape`` x ``dtype`` really occupies: sub-byte dtypes (int4, uint2, float4 ...) count
-    their bits (ml_dtypes reports itemsize 1 for them). NumPy only, no JAX."""
-    dt = np.dtype(dtype)
-    bits = dt.itemsize * 8
-    if dt.kind == "V" or dt.kind in "iu":
-        for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
-            try:
-                bits = info(dt).bits
-                break
-            except (ValueError, TypeError):
-                continue
-    return (int(np.prod(shape, dtype=np.int64)) * bits + 7) // 8
-
-
 class CheckpointView:
     """Read-only view over a :class:`Checkpoint` whose subclasses compute some tensors on read
     (override :meth:`_compute`, returning None for tensors served from the base as they are). Same

@@ -13,6 +13,17 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
+def _methods_help() -> str:
+    """The YAML method list of ``--help``, from the registry (which loads without JAX)."""
+    from .config import yaml_methods
+    from .registry import METHODS
+
+    mk = [n for n in yaml_methods() if METHODS[n].mergekit]
+    ext = [n for n in yaml_methods() if not METHODS[n].mergekit]
+    wrap = lambda names: "\n".join("  " + ", ".join(names[i:i + 8]) for i in range(0, len(names), 8))
+    return f"merge_method (mergekit's names):\n{wrap(mk)}\nweightlab extensions:\n{wrap(ext)}\n\n"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "merge", help="merge checkpoints from a mergekit YAML config (streamed, validated first)",
@@ -20,7 +31,7 @@ def add_parser(sub) -> None:
                     "(merge_method, base_model, models with parameters, gradients and filters, dtype). "
                     "Everything is validated from the headers before any tensor is merged; memory holds one "
                     "tensor per model plus one output shard. The output directory appears atomically.",
-        epilog="example config:\n  merge_method: ties\n  base_model: ./base\n  models:\n    - model: ./ft-a\n"
+        epilog=_methods_help() + "example config:\n  merge_method: ties\n  base_model: ./base\n  models:\n    - model: ./ft-a\n"
                "      parameters: {weight: 1.0, density: [0.2, 0.8]}   # gradient over layers\n"
                "    - model: ./ft-b\n      parameters:\n        density:\n          - {filter: mlp, value: 0.5}\n"
                "          - {value: 0.3}\n  parameters: {normalize: true, lambda: 0.9}\n  dtype: bfloat16\n\n"

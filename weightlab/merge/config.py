@@ -24,20 +24,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from .registry import SPECS
+from .registry import METHODS
 
 __all__ = ["MergeConfig", "load_config", "parse_config", "evaluate_setting", "method_parameters"]
 
 # mergekit parameter name -> our keyword; "int8_mask" only changes mergekit's memory use.
 _RENAME = {"lambda": "lambda_"}
+_YAML = {v: k for k, v in _RENAME.items()}
 _IGNORED = {"int8_mask"}
 
 
+def yaml_methods() -> list[str]:
+    """Methods a YAML config may name: the registered ones that work tensor by tensor."""
+    return METHODS.names(stream=True)
+
+
 def method_parameters(method: str) -> set[str]:
-    """Parameter names (mergekit spelling) a method accepts."""
-    if method not in SPECS:
-        raise MergeError(f"unknown merge_method {method!r}; known: {sorted(SPECS)}")
-    return SPECS[method].parameters | _IGNORED
+    """Parameter names (mergekit spelling: ``lambda``) a YAML config may give the method."""
+    if method not in yaml_methods():
+        raise MergeError(f"unknown merge_method {method!r}; known: {sorted(yaml_methods())}")
+    entry = METHODS[method]
+    names = set(entry.parameters) - {k for k, _ in entry.stream_kwargs}
+    return {_YAML.get(n, n) for n in names} | _IGNORED
 
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0) -> Any:
@@ -99,6 +107,10 @@ class MergeConfig:
                             "out_dtype": self.out_dtype, "slices": slices}, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()
 
+    def merged_models(self) -> list[str]:
+        """The models merged into the base (the base itself excluded)."""
+        return [m.model for m in self.models if m.model != self.base_model]
+
     def model_paths(self) -> list[str]:
         refs = list(dict.fromkeys([m.model for m in self.models] +
                                   [m.model for s in self.slices or [] for m in s.sources]))
@@ -159,8 +171,10 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     method = data.get("merge_method")
     if method is None:
         raise MergeError(f"{source}: missing 'merge_method'")
-    if method not in SPECS:
-        raise MergeError(f"{where('merge_method')}: unknown merge_method {method!r}; known: {sorted(SPECS)}")
+    if method not in yaml_methods():
+        hint = " (it does not work tensor by tensor: call it from Python)" if method in METHODS else ""
+        raise MergeError(f"{where('merge_method')}: unknown merge_method {method!r}{hint}; known: "
+                         f"{sorted(yaml_methods())}")
     allowed = method_parameters(method)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
@@ -173,21 +187,34 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     slices = _parse_slices(data["slices"], _node(top, "slices"), source, method, allowed) if "slices" in data else None
     entries = [] if slices else _parse_models(data.get("models") or [], _node(top, "models"), source, where('models'),
                                               method, allowed, "models")
-    if method == "nuslerp":  # mergekit requires a weight per model
-        for e in entries + [m for sl in slices or [] for m in sl.sources]:
-            if "weight" not in e.parameters and "weight" not in params:
-                raise MergeError(f"{source}:{e.line}: nuslerp needs a 'weight' for every model")
+    entry = METHODS[method]
+    required = {_YAML.get(n, n) for n in entry.required}
+    for e in entries + [m for sl in slices or [] for m in sl.sources]:  # e.g. nuslerp's weight, slerp's t
+        for r in sorted(required):
+            if r not in e.parameters and r not in params and not (slices and any(r in sl.parameters for sl in slices)):
+                raise MergeError(f"{source}:{e.line}: {method} needs {r!r} (for every model, or in the global "
+                                 "parameters)")
     base = data.get("base_model")
-    needs_base = SPECS[method].kind in ("base", "pair")
-    if needs_base and not base:
+    if entry.base == "required" and not base:
         raise MergeError(f"{source}: merge_method {method} needs a base_model")
     for sl in slices or []:
-        if needs_base and str(base) not in [m.model for m in sl.sources]:
+        if entry.base == "required" and str(base) not in [m.model for m in sl.sources]:
             raise MergeError(f"{source}:{sl.line}: base_model {base} must be one of this slice's sources")
-        if method == "passthrough" and len(sl.sources) != 1:
-            raise MergeError(f"{source}:{sl.line}: passthrough takes exactly one source per slice")
+        _check_count(entry, [m.model for m in sl.sources], str(base) if base else None, f"{source}:{sl.line}")
+    if not slices:
+        _check_count(entry, [m.model for m in entries], str(base) if base else None, where("models"))
     return MergeConfig(method, str(base) if base else None, entries, dict(params), data.get("dtype"),
                        data.get("out_dtype"), text, source, slices)
+
+
+def _check_count(entry, models: list[str], base: str | None, where: str) -> None:
+    """The method's model-count rule (its registry entry) against a config's model list."""
+    n = len(models) if entry.base == "unused" else len([m for m in models if m != base])
+    lo, hi = entry.count
+    if n < lo or (hi is not None and n > hi):
+        rule = f"exactly {lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        what = "models" if entry.base == "unused" else "models besides base_model"
+        raise MergeError(f"{where}: {entry.name} merges {rule} {what}, got {n}")
 
 
 def _node(top, key):

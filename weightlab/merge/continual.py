@@ -1,36 +1,43 @@
 """Continual merging: fold fine-tuned models into one, one at a time, without keeping the old ones.
 
-:func:`opcm_init` / :func:`opcm_update` implement OPCM (Tang et al. 2025, "Merging Models on the Fly
-Without Retraining: A Sequential Approach to Scalable Continual Model Merging"). For each new model,
-every 2-D leaf's task vector is rotated into the singular basis (U, V, full) of the current merged
-task vector, its diagonal and the top-left ``split x split`` block are zeroed (``split`` = the first
-index where the cumulative singular-value share exceeds ``alpha``), i.e. the part that would
-interfere with what is already merged is removed, and the result is rotated back and added; other
-leaves are added as is. The accumulated sum is then rescaled so the merged task vector's global norm
-equals the mean global norm of the task vectors seen so far. The state keeps the running scale
-``lambda_t`` so the next step undoes it, exactly as the reference. Memory: one merged model.
+OPCM (Tang et al. 2025, "Merging Models on the Fly Without Retraining: A Sequential Approach to
+Scalable Continual Model Merging"). For each new model, every 2-D leaf's task vector is rotated into
+the singular basis (U, V, full) of the current merged task vector, its diagonal and the top-left
+``split x split`` block are zeroed (``split`` = the first index where the cumulative singular-value
+share exceeds ``alpha``), i.e. the part that would interfere with what is already merged is removed,
+and the result is rotated back and added; other leaves are added as is. The accumulated sum is then
+rescaled so the merged task vector's global norm equals the mean global norm of the task vectors
+seen so far. The state keeps the running scale ``lambda_t`` so the next step undoes it, exactly as
+the reference. The first model is taken as is (the merge of one model is that model).
 
-:func:`opcm` runs the whole sequence (order matters; shuffle the list yourself for the paper's
-averaged-over-orders protocol).
+As a transform (``merge.transform("opcm", alpha=0.5)``) the state is an :class:`OPCMState` and each
+``apply(merged, state, models=[new, ...])`` folds the new models in (jit-able: fixed-shape state).
+:func:`opcm` runs a whole sequence (order matters; shuffle the list yourself for the paper's
+averaged-over-orders protocol). Memory: the base and one merged model.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
+from .registry import inputs, merge_method
 
-__all__ = ["OPCMState", "opcm_init", "opcm_update", "opcm"]
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
+
+__all__ = ["OPCMState", "opcm"]
 
 
 class OPCMState(NamedTuple):
-    merged: Any          # current merged params
-    lambda_t: jax.Array  # scale applied to the accumulated task vectors
-    norms: jax.Array     # global task-vector norms seen so far, (t,)
+    """Running state of OPCM: the base, the scale applied to the accumulated task vectors, and the
+    sum and count of the global task-vector norms seen so far."""
+
+    base: Any
+    lambda_t: Any
+    norm_sum: Any
+    count: Any
 
 
 def _global_norm(a, b):
@@ -39,13 +46,7 @@ def _global_norm(a, b):
     return jnp.sqrt(sum(sq))
 
 
-def opcm_init(base, first) -> OPCMState:
-    """Start from the first fine-tuned model (the merge of one model is that model)."""
-    wtree.check_compatible(base, first, names=("base_model", "model"))
-    return OPCMState(first, jnp.float32(1.0), _global_norm(first, base)[None])
-
-
-@jax.jit
+@_lazy.jit
 def _project(prev_tv, tv, alpha):
     u, s, vt = jnp.linalg.svd(prev_tv, full_matrices=True)
     share = jnp.cumsum(s) / jnp.where(jnp.sum(s) == 0, 1.0, jnp.sum(s))
@@ -57,13 +58,10 @@ def _project(prev_tv, tv, alpha):
     return u @ p @ vt
 
 
-def opcm_update(state: OPCMState, base, model, *, alpha: float = 0.5) -> OPCMState:
-    """Merge one more model into ``state`` (see module docstring); ``alpha`` in [0, 1]."""
-    if not 0 <= alpha <= 1:
-        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
-    wtree.check_compatible(base, model, names=("base_model", "model"))
-    norms = jnp.concatenate([state.norms, _global_norm(model, base)[None]])
-    prev_lambda = state.lambda_t
+def _fold(base, merged, lambda_t, norm_sum, count, model, alpha):
+    """One OPCM step (``count`` >= 1 models already merged): returns (merged, lambda_t, norm_sum)."""
+    norm_sum = norm_sum + _global_norm(model, base)
+    avg = norm_sum / (count + 1)
 
     def accumulate(b, m, x):
         if not wtree.is_array(b):
@@ -72,23 +70,47 @@ def opcm_update(state: OPCMState, base, model, *, alpha: float = 0.5) -> OPCMSta
         prev, tv = m.astype(jnp.float32) - b32, x.astype(jnp.float32) - b32
         if b.ndim == 2:
             tv = _project(prev, tv, jnp.float32(alpha))
-        return prev_lambda * prev + tv
+        return lambda_t * prev + tv
 
-    acc = jax.tree.map(accumulate, base, state.merged, model)
+    acc = jax.tree.map(accumulate, base, merged, model)
     acc_norm = jnp.sqrt(sum(jnp.sum(a ** 2) for a in jax.tree.leaves(acc) if wtree.is_array(a)))
-    avg = jnp.mean(norms)
     factor = avg / jnp.where(acc_norm == 0, 1.0, acc_norm)
-    merged = jax.tree.map(lambda b, a: (b.astype(jnp.float32) + a * factor).astype(b.dtype)
-                          if wtree.is_array(b) else b, base, acc)
-    return OPCMState(merged, acc_norm / avg, norms)
+    new = jax.tree.map(lambda b, a: (b.astype(jnp.float32) + a * factor).astype(b.dtype)
+                       if wtree.is_array(b) else b, base, acc)
+    return new, acc_norm / avg, norm_sum
 
 
+def _check_alpha(alpha):
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise MergeError(f"opcm: alpha must be in [0, 1], got {alpha!r}")
+
+
+def _init(params) -> OPCMState:
+    return OPCMState(params, jnp.float32(1.0), jnp.float32(0.0), jnp.int32(0))
+
+
+def _step(merged, state: OPCMState, models, *, alpha: float = 0.5):
+    """Transform step: fold ``models`` (list or stacked) into ``merged``."""
+    _check_alpha(alpha)
+    x = inputs(state.base, models, name="opcm")
+    base, lam, nsum, count = state
+    for i in range(x.n):
+        model = jax.tree.map(lambda s, i=i: s[i] if wtree.is_array(s) else s, x.models)
+        first = lambda: (jax.tree.map(lambda m, b: m.astype(b.dtype) if wtree.is_array(b) else b, model, merged),
+                         jnp.float32(1.0), _global_norm(model, base))
+        later = lambda: _fold(base, merged, lam, nsum, count, model, alpha)
+        if isinstance(count, jax.core.Tracer):
+            merged, lam, nsum = jax.lax.cond(count == 0, first, later)
+        else:
+            merged, lam, nsum = first() if int(count) == 0 else later()
+        count = count + 1
+    return merged, OPCMState(base, lam, nsum, count)
+
+
+@merge_method("opcm", stream=False, continual=(_init, _step), paper="Tang et al. 2025 (OPCM)")
 def opcm(base, models, *, alpha: float = 0.5):
-    """OPCM over ``models`` in the given order; returns the merged params."""
-    models = wtree.unstack(models) if not isinstance(models, (list, tuple)) else list(models)
-    if not models:
-        raise MergeError("no models to merge")
-    state = opcm_init(base, models[0])
-    for m in models[1:]:
-        state = opcm_update(state, base, m, alpha=alpha)
-    return state.merged
+    """OPCM over ``models`` in the given order: each projected away from what is already merged."""
+    _check_alpha(alpha)
+    state = _init(base)
+    merged, _ = _step(base, state, models, alpha=alpha)
+    return merged

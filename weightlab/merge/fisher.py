@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
-
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
+from .registry import merge_method, per_model
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
 
 __all__ = ["diagonal_fisher", "fisher_merge"]
 
@@ -62,20 +63,25 @@ def diagonal_fisher(apply_fn: Callable, params, batches: Iterable[Any], *, label
     return jax.tree.map(lambda v: v / n, total)
 
 
-def fisher_merge(models: Sequence[Any], fishers: Sequence[Any], *, weight=1.0, eps: float = 1e-8):
-    """``Σ λ_i F_i θ_i / Σ λ_i F_i`` per entry (models and fishers: lists of pytrees)."""
-    if not models or len(models) != len(fishers):
-        raise MergeError("fisher_merge needs one Fisher per model (and at least one model)")
-    for i, (m, f) in enumerate(zip(models, fishers)):
-        wtree.check_compatible(models[0], m, names=("model[0]", f"model[{i}]"))
-        wtree.check_compatible(models[0], f, dtypes=False, names=("model[0]", f"fisher[{i}]"))
-    lam = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (len(models),))
-    sm, sf = wtree.stack(models), wtree.stack([jax.tree.map(lambda v: v.astype(jnp.float32), f) for f in fishers])
+@merge_method("fisher_merge", base="unused", per_model_params=("weight",), stream=False, extras=("fishers",),
+              paper="Matena & Raffel 2022 (Fisher merging)")
+def fisher_merge(base, models, *, fishers: Sequence[Any], weight=1.0, eps: float = 1e-8):
+    """Fisher-weighted averaging ``Σ λ_i F_i θ_i / Σ λ_i F_i`` per entry (``fishers``: one diagonal
+    Fisher per model, from :func:`diagonal_fisher`)."""
+    n = wtree.num_models(models)
+    if isinstance(fishers, (list, tuple)):
+        if len(fishers) != n:
+            raise MergeError(f"fisher: {len(fishers)} Fishers for {n} models (one per model)")
+        ref = jax.tree.map(lambda s: s[0] if wtree.is_array(s) else s, models)
+        for i, f in enumerate(fishers):
+            wtree.check_compatible(ref, f, dtypes=False, names=("model[0]", f"fisher[{i}]"))
+        fishers = wtree.stack([jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), f) for f in fishers])
+    lam = jnp.asarray(per_model(weight, n, "weight"), jnp.float32)
 
     def one(t, f):
         if not wtree.is_array(t):
             return t
-        w = lam.reshape((-1,) + (1,) * (t.ndim - 1)) * (f + eps)
+        w = lam.reshape((-1,) + (1,) * (t.ndim - 1)) * (f.astype(jnp.float32) + eps)
         return (jnp.sum(w * t.astype(jnp.float32), 0) / jnp.sum(w, 0)).astype(t.dtype)
 
-    return jax.tree.map(one, sm, sf)
+    return jax.tree.map(one, models, fishers)

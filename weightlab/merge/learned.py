@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
-import optax
-
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
+from .registry import inputs, merge_method
 
-__all__ = ["AdaMergingResult", "merge_with", "adamerging"]
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
+optax = _lazy.module("optax")
+
+__all__ = ["AdaMergingResult", "merge_with", "adamerging", "adamerging_fit"]
 
 
 class AdaMergingResult(NamedTuple):
@@ -43,18 +44,18 @@ def _entropy(logits):
     return -jnp.mean(jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
 
-def adamerging(apply_fn: Callable, base, models: Sequence[Any], unlabeled: Sequence[Sequence[Any]], *,
-               granularity: str = "layer", init: float = 0.3, steps: int = 100,
-               optimizer: optax.GradientTransformation | None = None) -> AdaMergingResult:
+def adamerging_fit(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequence[Any]],
+                   granularity: str = "layer", init: float = 0.3, steps: int = 100,
+                   optimizer: Any = None) -> AdaMergingResult:
     """Learn merging coefficients for ``models`` (fine-tunes of ``base``) from unlabeled batches,
-    one list of batches per task (cycled through)."""
+    one list of batches per task (cycled through); returns the merge, the coefficients and the
+    entropy curve."""
     if granularity not in ("task", "layer"):
         raise MergeError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-    if not models or len(models) != len(unlabeled) or any(len(u) == 0 for u in unlabeled):
+    x = inputs(base, models, name="adamerging")
+    base, stacked, k = x.base, x.models, x.n
+    if len(unlabeled) != k or any(len(u) == 0 for u in unlabeled):
         raise MergeError("adamerging needs one non-empty list of unlabeled batches per model")
-    k = len(models)
-    stacked = wtree.stack(list(models))
-    wtree.check_compatible(base, wtree.unstack(stacked)[0], names=("base", "models"))
     tvs = jax.tree.map(lambda s, b: (s - b[None]).astype(jnp.float32) if wtree.is_array(b) else b, stacked, base)
     lam = jnp.full((k,), init, jnp.float32)
     coeffs = lam if granularity == "task" else jax.tree.map(lambda b: lam if wtree.is_array(b) else b, base)
@@ -76,5 +77,13 @@ def adamerging(apply_fn: Callable, base, models: Sequence[Any], unlabeled: Seque
     for i in range(steps):
         batches = [jnp.asarray(u[i % len(u)]) for u in unlabeled]
         coeffs, state, l = step(coeffs, state, batches)
-        losses.append(float(l))
-    return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.asarray(losses))
+        losses.append(l)
+    return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.stack(losses) if losses else jnp.zeros(0))
+
+
+@merge_method("adamerging", stream=False, extras=("unlabeled",), paper="Yang et al. 2024 (AdaMerging)")
+def adamerging(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequence[Any]], granularity: str = "layer",
+               init: float = 0.3, steps: int = 100, optimizer: Any = None):
+    """AdaMerging: task- or layer-wise coefficients learned by entropy minimisation on unlabeled data."""
+    return adamerging_fit(base, models, apply_fn=apply_fn, unlabeled=unlabeled, granularity=granularity, init=init,
+                          steps=steps, optimizer=optimizer).params

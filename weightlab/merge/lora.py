@@ -74,12 +74,15 @@ def _factor(d, rank):
     return u[:, :r] * root, root[:, None] * vt[:r], err
 
 
-def extract_lora(base, finetuned, rank=16, *, select=None):
-    """LoRA factors of ``finetuned - base`` for every 2-D leaf matched by ``select`` (path regex /
-    predicate; default all). Other leaves hold the dense delta. Returns ``(tree, errors)`` with
-    ``errors[path] = ||delta - a b||_F / ||delta||_F``."""
+def extract_lora(base, finetuned, rank=16, *, select: wtree.SelectorLike = None):
+    """LoRA factors of ``finetuned - base`` for every 2-D leaf ``select`` picks (any
+    :func:`weightlab.tree.selector`; default all). Other leaves hold the dense delta. QArray inputs
+    are dequantized. Returns ``(tree, errors)`` with ``errors[path] = ||delta - a b||_F / ||delta||_F``."""
+    from .registry import dequantized
+
+    base, finetuned = dequantized(base), dequantized(finetuned)
     wtree.check_compatible(base, finetuned, names=("base_model", "finetuned"))
-    pick = wtree.predicate(select)
+    pick = wtree.selector(select)
     errors = {}
 
     def one(path, b, f):

@@ -31,21 +31,17 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
-from .methods import _check, _per_model, _stacked
+from .methods import first
+from .registry import inputs, merge_method, per_model
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
 
 __all__ = ["arcee_fusion", "ram", "ramplus_tl", "magmax", "tall_masks", "consensus", "emr", "EMRResult", "pcb"]
-
-
-def _task_vectors(base, models):
-    stacked = _stacked(models)
-    n = _check(base, stacked)
-    return stacked, n
 
 
 def _apply(base, stacked, fn):
@@ -64,9 +60,10 @@ def _quantile_lower(x, q):
     return flat[int(q * (flat.shape[0] - 1))]
 
 
-def arcee_fusion(base, model):
-    """Keep ``model``'s change only where its importance is an outlier (median + 1.5 IQR)."""
-    wtree.check_compatible(base, model, names=("base_model", "model"))
+@merge_method("arcee_fusion", count=(1, 1), mergekit=True, paper="mergekit (Arcee Fusion)")
+def arcee_fusion(base, models):
+    """Keep the model's change only where its importance is an outlier (median + 1.5 IQR)."""
+    model = first(models)
 
     def one(b, m):
         if not wtree.is_array(b):
@@ -92,9 +89,10 @@ def _ram_parts(tau, epsilon):
     return nz, count, tz
 
 
+@merge_method("ram", mergekit=True, paper="arXiv:2601.13572 (Reinforced Agent Merging)")
 def ram(base, models, *, epsilon: float = 1e-5):
-    """Unique changes kept whole, overlapping changes averaged over the models that made them."""
-    stacked, _ = _task_vectors(base, models)
+    """RAM: unique changes kept whole, overlapping changes averaged over the models that made them."""
+    stacked = models
 
     def fn(path, tau):
         nz, count, tz = _ram_parts(tau, epsilon)
@@ -103,9 +101,10 @@ def ram(base, models, *, epsilon: float = 1e-5):
     return _apply(base, stacked, fn)
 
 
+@merge_method("ramplus_tl", mergekit=True, paper="arXiv:2601.13572 (RAM+, tensor-local)")
 def ramplus_tl(base, models, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5):
-    """RAM with each model's unique entries scaled by ``1 + r * clip(shared/unique, 0, alpha)``."""
-    stacked, n = _task_vectors(base, models)
+    """RAM+: RAM with each model's unique entries scaled by ``1 + r * clip(shared/unique, 0, alpha)``."""
+    stacked, n = models, wtree.num_models(models)
 
     def fn(path, tau):
         nz, count, tz = _ram_parts(tau, epsilon)
@@ -119,9 +118,10 @@ def ramplus_tl(base, models, *, r: float = 0.1, alpha: float = 0.2, epsilon: flo
     return _apply(base, stacked, fn)
 
 
+@merge_method("magmax", paper="Marczak et al. 2024 (MagMax)")
 def magmax(base, models, *, lambda_: float = 1.0):
-    """``base + lambda * tau_{argmax_t |tau_t|}`` per entry (the last model wins ties)."""
-    stacked, n = _task_vectors(base, models)
+    """MagMax: ``base + lambda * tau_{argmax_t |tau_t|}`` per entry (the last model wins ties)."""
+    stacked, n = models, wtree.num_models(models)
 
     def fn(path, tau):
         rev = jnp.abs(tau[::-1])
@@ -158,14 +158,15 @@ def tall_masks(base, models, *, tall_mask_lambda: float = 0.6, multitask=None):
 
     ``multitask``: the merged model whose task vector is ``tau_MTL`` (default: task arithmetic,
     ``base + sum_t tau_t``)."""
-    stacked, _ = _task_vectors(base, models)
+    stacked = inputs(base, models, name="tall_masks").models
     return _pick(_tall(base, stacked, tall_mask_lambda, multitask), base, 1)
 
 
+@merge_method("consensus", extras=("multitask",), paper="Wang et al. 2024 (TALL masks / consensus)")
 def consensus(base, models, *, k: int = 2, tall_mask_lambda: float = 0.6, lambda_: float = 1.0, multitask=None):
     """Consensus merging: ``base + lambda * 1[#{t: m_t} >= k] * tau_MTL`` (drops "selfish" and
     "catastrophic" weights that fewer than ``k`` tasks use)."""
-    stacked, n = _task_vectors(base, models)
+    stacked, n = models, wtree.num_models(models)
     if not 0 <= k <= n:
         raise MergeError(f"consensus k must be in [0, {n}], got {k}")
     pairs = _tall(base, stacked, tall_mask_lambda, multitask)
@@ -200,7 +201,8 @@ class EMRResult(NamedTuple):
 
 def emr(base, models) -> EMRResult:
     """Elect, Mask & Rescale: tuning-free per-task models sharing one unified task vector."""
-    stacked, n = _task_vectors(base, models)
+    x = inputs(base, models, name="emr")
+    base, stacked, n = x.base, x.models, x.n
     leaves_b, treedef = jax.tree.flatten(base)
     unified, masks = [], []
     before = after = jnp.zeros((n,), jnp.float32)
@@ -246,15 +248,17 @@ def _pcb_flat(tau, w, ratio):
     return jnp.sum(w[:, None] * clamped * scale, axis=0) / jnp.maximum(jnp.sum(scale, axis=0), 1e-12)
 
 
+@merge_method("pcb", per_model_params=("weight",), stream_kwargs=(("scope", "tensor"),),
+              paper="Du et al. 2024 (PCB-merging)")
 def pcb(base, models, *, pcb_ratio: float = 0.1, weight=1.0, lambda_: float = 1.0, scope: str = "global"):
     """PCB-merging: ``base + lambda * sum_i w_i s_i tau_i / sum_i s_i`` with balanced scores s_i.
 
     ``pcb_ratio``: fraction of each model's entries that keep a non-zero score. ``weight``: per-model
     coefficients (the paper searches them with an evolution strategy; 1 = plain PCB)."""
-    stacked, n = _task_vectors(base, models)
+    stacked, n = models, wtree.num_models(models)
     if not 0 < pcb_ratio <= 1:
         raise MergeError(f"pcb_ratio must be in (0, 1], got {pcb_ratio}")
-    w = jnp.asarray(_per_model(weight, n, "weight"), jnp.float32)
+    w = jnp.asarray(per_model(weight, n, "weight"), jnp.float32)
     if scope == "tensor":
         return _apply(base, stacked, lambda p, tau: lambda_ * _pcb_flat(tau.reshape(n, -1), w, pcb_ratio)
                       .reshape(tau.shape[1:]))

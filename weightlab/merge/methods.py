@@ -1,11 +1,12 @@
 """Named merge methods with mergekit's names, parameters and defaults, as short recipes over
-:mod:`.steps`.
+:mod:`.steps`, each registered with :func:`~.registry.merge_method`.
 
-Inputs: ``base`` is one params pytree; ``models`` is a *stacked* pytree (leading model axis, see
-:func:`weightlab.tree.stack`) or a list of pytrees (stacked for you). Per-model parameters
+Signature of every method: ``fn(base, models, *, key=None, **hp)``; ``models`` is a list of pytrees
+or a stacked pytree (leading model axis, :func:`weightlab.tree.stack`). Per-model parameters
 (``weight``, ``density``, ``gamma``, ``epsilon``) are a scalar or one value per model. ``lambda_``
-is mergekit's ``lambda``. Random methods need ``key``; masks use per-leaf keys from the path and
-per-model keys from the model index, so results do not depend on leaf order or device count.
+is mergekit's ``lambda`` (both spellings work). Random methods need ``key``; masks use per-leaf keys
+from the path and per-model keys from the model index, so results do not depend on leaf order or
+device count.
 
 Defaults (mergekit): task_arithmetic normalize=False; ties normalize=True; dare_* rescale (L1
 match); della normalize=True, rescale; breadcrumbs gamma=0.01; della epsilon=0.15. Paper
@@ -15,75 +16,41 @@ trimming over the whole model).
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
 from . import steps
+from .registry import inputs, merge_method, per_model
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
 
 __all__ = ["generalized_task_arithmetic", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "slerp", "nearswap", "karcher",
            "model_stock", "passthrough"]
 
-
-def _stacked(models) -> Any:
-    if isinstance(models, (list, tuple)):
-        if not models:
-            raise MergeError("no models to merge")
-        return wtree.stack(models)
-    return models
+_GTA = ("weight", "density", "gamma", "epsilon")
 
 
-def _per_model(v, n: int, name: str) -> np.ndarray:
-    a = np.broadcast_to(np.asarray(v, np.float64), (n,)) if np.ndim(v) == 0 else np.asarray(v, np.float64)
-    if a.shape != (n,):
-        raise MergeError(f"{name} needs one value or {n} values (one per model), got {np.shape(v)}")
-    return a
+def first(stacked):
+    """Model 0 of a stacked pytree."""
+    return jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked)
 
 
-def _check(base, stacked, *, density=None, need_base=True):
+def _gta(base, stacked, *, weight=1.0, density=1.0, sparsification=None, consensus=None, normalize=False,
+         rescale=None, lambda_=1.0, gamma=0.01, epsilon=0.15, key=None, scope: str = "tensor", threshold=None):
+    """The task-vector pipeline on validated inputs (see :func:`generalized_task_arithmetic`)."""
     n = wtree.num_models(stacked)
-    if n == 0:
-        raise MergeError("no models to merge")
-    if need_base:
-        wtree.check_compatible(base, jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked),
-                               names=("base_model", "models"))
-    for p, x in wtree.flatten_with_paths(stacked)[0]:
-        if wtree.is_array(x) and not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x, np.float32))):
-            raise MergeError(f"'{p}': NaN/Inf in the models; refusing to merge")
-    if density is not None:
-        d = _per_model(density, n, "density")
-        if np.any(d <= 0) or np.any(d > 1):
-            raise MergeError(f"density must be in (0, 1], got {density}")
-    return n
-
-
-def _lambda(lambda_, kw):
-    if "lambda" in kw:
-        lambda_ = kw.pop("lambda")
-    if kw:
-        raise MergeError(f"unknown parameters {sorted(kw)}")
-    return lambda_
-
-
-def generalized_task_arithmetic(base, models, *, weight=1.0, density=1.0, sparsification=None, consensus=None,
-                                normalize=False, rescale=None, lambda_=1.0, gamma=0.01, epsilon=0.15, key=None,
-                                scope: str = "tensor", threshold=None, **kw):
-    """task vectors -> sparsify -> weight -> (sign election) -> combine -> x lambda -> + base.
-
-    ``threshold``: per-model magnitude cut-offs (N,) for ``magnitude`` sparsification, used instead
-    of per-tensor top-k (entries with |delta| >= threshold are kept; the streaming engine computes
-    them on the host, per tensor or over the whole model)."""
-    lambda_ = _lambda(lambda_, kw)
-    stacked = _stacked(models)
-    n = _check(base, stacked, density=density)
-    w, dens = _per_model(weight, n, "weight"), _per_model(density, n, "density")
-    gam, eps = _per_model(gamma, n, "gamma"), _per_model(epsilon, n, "epsilon")
+    w, dens = per_model(weight, n, "weight"), per_model(density, n, "density")
+    gam, eps = per_model(gamma, n, "gamma"), per_model(epsilon, n, "epsilon")
+    if np.any(dens <= 0) or np.any(dens > 1):
+        raise MergeError(f"density must be in (0, 1], got {density}")
     norm = "l1" if rescale is True else (None if rescale is False else rescale)  # bool = mergekit's switch
+    if norm not in (None, "l1", "l2", "linf", "inverse"):
+        raise MergeError(f"rescale must be true/false or one of 'l1', 'l2', 'linf', 'inverse', got {rescale!r}")
+    if consensus not in (None, "sum", "count"):
+        raise MergeError(f"consensus must be 'sum' or 'count', got {consensus!r}")
     if sparsification in ("random", "della_magprune") and key is None and np.any(dens < 1):
         raise MergeError(f"{sparsification} sparsification is random: pass key=jax.random.key(...)")
     if sparsification == "della_magprune" and np.any((dens + eps >= 1) | (dens - eps <= 0)) and np.any(dens < 1):
@@ -119,69 +86,120 @@ def generalized_task_arithmetic(base, models, *, weight=1.0, density=1.0, sparsi
     return wtree.map_with_path(one, base, stacked)
 
 
-def task_arithmetic(base, models, *, weight=1.0, lambda_=1.0, normalize=False, **kw):
-    """Ilharco et al. 2023: ``base + lambda * sum_i weight_i (theta_i - base)``."""
-    return generalized_task_arithmetic(base, models, weight=weight, lambda_=lambda_, normalize=normalize, **kw)
+def generalized_task_arithmetic(base, models, *, key=None, **hp):
+    """task vectors -> sparsify -> weight -> (sign election) -> combine -> x lambda -> + base.
+
+    The building block of the task-vector recipes (not a registered method: compose your own):
+    ``sparsification`` None | "magnitude" | "magnitude_outliers" | "random" | "della_magprune";
+    ``consensus`` None | "sum" | "count"; ``threshold``: per-model magnitude cut-offs (N,) used
+    instead of per-tensor top-k (the streaming engine computes them on the host)."""
+    if "lambda" in hp:
+        hp["lambda_"] = hp.pop("lambda")
+    x = inputs(base, models, name="generalized_task_arithmetic")
+    return _gta(x.base, x.models, key=key, **hp)
 
 
+def _linear_fast(block: np.ndarray, kw: dict, has_base: bool):
+    """In-place float32 numpy ``linear`` (mergekit's operation order: sum of w_i x_i, then / sum w)."""
+    if set(kw) - {"weight", "normalize"}:
+        return None
+    n = block.shape[0]
+    w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (n,))
+    acc = block[0]
+    acc *= w[0]
+    for i in range(1, n):
+        block[i] *= w[i]
+        acc += block[i]
+    if kw.get("normalize", True):
+        acc /= np.float32(w.sum())
+    return acc
+
+
+def _task_arithmetic_fast(block: np.ndarray, kw: dict, has_base: bool):
+    """In-place float32 numpy plain task arithmetic (base first in ``block``)."""
+    if set(kw) - {"weight", "lambda_", "normalize"} or kw.get("normalize") or not has_base:
+        return None
+    base, models = block[0], block[1:]
+    w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (models.shape[0],))
+    lam = np.float32(kw.get("lambda_", 1.0))
+    for i in range(models.shape[0]):
+        models[i] -= base
+        models[i] *= np.float32(w[i]) * lam
+    for i in range(models.shape[0]):
+        base += models[i]
+    return base
+
+
+@merge_method("task_arithmetic", per_model_params=_GTA, mergekit=True, fast=_task_arithmetic_fast,
+              paper="Ilharco et al. 2023")
+def task_arithmetic(base, models, *, weight=1.0, lambda_=1.0, normalize=False):
+    """Task arithmetic: ``base + lambda * sum_i weight_i (theta_i - base)``."""
+    return _gta(base, models, weight=weight, lambda_=lambda_, normalize=normalize)
+
+
+@merge_method("ties", per_model_params=_GTA, mergekit=True, host_topk=True, paper="Yadav et al. 2023")
 def ties(base, models, *, weight=1.0, density=1.0, lambda_=1.0, normalize=True, rescale=False, consensus="sum",
-         scope="tensor", **kw):
-    """TIES (Yadav et al. 2023): trim to the top ``density``, elect signs by mass, disjoint mean."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="magnitude",
-                                       consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_,
-                                       scope=scope, **kw)
+         scope="tensor", threshold=None):
+    """TIES: trim each task vector to its top ``density``, elect signs by mass, disjoint mean."""
+    return _gta(base, models, weight=weight, density=density, sparsification="magnitude", consensus=consensus,
+                normalize=normalize, rescale=rescale, lambda_=lambda_, scope=scope, threshold=threshold)
 
 
-def dare_ties(base, models, *, weight=1.0, density=1.0, key=None, lambda_=1.0, normalize=False, rescale=True, **kw):
-    """DARE (Yu et al. 2024) random drop + rescale, then TIES sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
-                                       consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_,
-                                       key=key, **kw)
+@merge_method("dare_ties", per_model_params=_GTA, mergekit=True, paper="Yu et al. 2024")
+def dare_ties(base, models, *, key=None, weight=1.0, density=1.0, lambda_=1.0, normalize=False, rescale=True):
+    """DARE random drop + rescale, then TIES sign election."""
+    return _gta(base, models, weight=weight, density=density, sparsification="random", consensus="sum",
+                normalize=normalize, rescale=rescale, lambda_=lambda_, key=key)
 
 
-def dare_linear(base, models, *, weight=1.0, density=1.0, key=None, lambda_=1.0, normalize=False, rescale=True, **kw):
+@merge_method("dare_linear", per_model_params=_GTA, mergekit=True, paper="Yu et al. 2024")
+def dare_linear(base, models, *, key=None, weight=1.0, density=1.0, lambda_=1.0, normalize=False, rescale=True):
     """DARE random drop + rescale, then a weighted sum of task vectors."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsification="random",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, key=key, **kw)
+    return _gta(base, models, weight=weight, density=density, sparsification="random", normalize=normalize,
+                rescale=rescale, lambda_=lambda_, key=key)
 
 
-def breadcrumbs(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.0, normalize=False, rescale=False,
-                **kw):
-    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest ``gamma`` and the smallest."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma,
-                                       sparsification="magnitude_outliers", normalize=normalize, rescale=rescale,
-                                       lambda_=lambda_, **kw)
+@merge_method("breadcrumbs", per_model_params=_GTA, mergekit=True, paper="Davari & Belilovsky 2024")
+def breadcrumbs(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.0, normalize=False, rescale=False):
+    """Model Breadcrumbs: drop the largest ``gamma`` and the smallest entries, keep ``density``."""
+    return _gta(base, models, weight=weight, density=density, gamma=gamma, sparsification="magnitude_outliers",
+                normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
+@merge_method("breadcrumbs_ties", per_model_params=_GTA, mergekit=True, paper="Davari & Belilovsky 2024")
 def breadcrumbs_ties(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambda_=1.0, normalize=False,
-                     rescale=False, **kw):
+                     rescale=False):
     """Breadcrumbs sparsification with TIES sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma,
-                                       sparsification="magnitude_outliers", consensus="sum", normalize=normalize,
-                                       rescale=rescale, lambda_=lambda_, **kw)
+    return _gta(base, models, weight=weight, density=density, gamma=gamma, sparsification="magnitude_outliers",
+                consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-def della(base, models, *, weight=1.0, density=1.0, epsilon=0.15, key=None, lambda_=1.0, normalize=True,
-          rescale=True, **kw):
-    """DELLA (Deep et al. 2024): magnitude-ranked drop probabilities, rescale, sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon,
-                                       sparsification="della_magprune", consensus="sum", normalize=normalize,
-                                       rescale=rescale, lambda_=lambda_, key=key, **kw)
+@merge_method("della", per_model_params=_GTA, mergekit=True, paper="Deep et al. 2024")
+def della(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, normalize=True,
+          rescale=True):
+    """DELLA: magnitude-ranked drop probabilities, rescale, sign election."""
+    return _gta(base, models, weight=weight, density=density, epsilon=epsilon, sparsification="della_magprune",
+                consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_, key=key)
 
 
-def della_linear(base, models, *, weight=1.0, density=1.0, epsilon=0.15, key=None, lambda_=1.0, normalize=False,
-                 rescale=True, **kw):
+@merge_method("della_linear", per_model_params=_GTA, mergekit=True, paper="Deep et al. 2024")
+def della_linear(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, normalize=False,
+                 rescale=True):
     """DELLA sparsification, weighted sum without sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon,
-                                       sparsification="della_magprune", normalize=normalize, rescale=rescale,
-                                       lambda_=lambda_, key=key, **kw)
+    return _gta(base, models, weight=weight, density=density, epsilon=epsilon, sparsification="della_magprune",
+                normalize=normalize, rescale=rescale, lambda_=lambda_, key=key)
 
 
-def linear(models, *, weight=1.0, normalize=True):
-    """Weighted average (Wortsman et al., model soups 2022): ``sum w_i theta_i / sum w_i``."""
-    stacked = _stacked(models)
-    n = _check(None, stacked, need_base=False)
-    w = jnp.asarray(_per_model(weight, n, "weight"), jnp.float32)
+@merge_method("linear", base="unused", per_model_params=("weight",), mergekit=True, fast=_linear_fast,
+              paper="Wortsman et al. 2022 (model soups)")
+def linear(base, models, *, weight=1.0, normalize=True):
+    """Weighted average ``sum w_i theta_i / sum w_i`` (``normalize=False``: the weighted sum)."""
+    n = wtree.num_models(models)
+    w64 = per_model(weight, n, "weight")
+    if normalize and abs(w64.sum()) < 1e-12:
+        raise MergeError(f"linear: the weights {w64.tolist()} sum to zero; cannot normalise (normalize: false "
+                         "gives the plain weighted sum)")
+    w = jnp.asarray(w64, jnp.float32)
 
     def one(s):
         if not wtree.is_array(s):
@@ -190,16 +208,16 @@ def linear(models, *, weight=1.0, normalize=True):
         r = steps.model_sum(wb * s.astype(jnp.float32))
         return (r / jnp.sum(w) if normalize else r).astype(s.dtype)
 
-    return jax.tree.map(one, stacked)
+    return jax.tree.map(one, models)
 
 
-def sce(base, models, *, select_topk=1.0, **kw):
-    """SCE (Wan et al., FuseChat 2024): keep the ``select_topk`` fraction of entries with the largest
-    variance across models, elect signs, weight each model by its mean squared task vector."""
-    if kw:
-        raise MergeError(f"unknown parameters {sorted(kw)}")
-    stacked = _stacked(models)
-    n = _check(base, stacked)
+@merge_method("sce", mergekit=True, paper="Wan et al. 2024 (FuseChat)")
+def sce(base, models, *, select_topk=1.0):
+    """SCE: keep the ``select_topk`` fraction of entries with the largest variance across models,
+    elect signs, weight each model by its mean squared task vector."""
+    if not 0 < select_topk <= 1:
+        raise MergeError(f"select_topk must be in (0, 1], got {select_topk}")
+    n = wtree.num_models(models)
 
     def one(b, s):
         if not wtree.is_array(b):
@@ -219,7 +237,7 @@ def sce(base, models, *, select_topk=1.0, **kw):
         merged = steps.model_sum(tv * ew) / jnp.maximum(steps.model_sum(ew), 1e-6)
         return (b.astype(jnp.float32) + merged).astype(b.dtype)
 
-    return jax.tree.map(one, base, stacked)
+    return jax.tree.map(one, base, models)
 
 
 def _slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
@@ -235,17 +253,27 @@ def _slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     return jnp.where(jnp.abs(dot) > dot_threshold, (1 - t) * a + t * b, s0 * a + s1 * b)
 
 
-def slerp(base, other, *, t=0.5):
-    """Spherical interpolation per tensor between ``base`` (t=0) and ``other`` (t=1); falls back to
-    linear interpolation when the tensors are nearly colinear (|cos| > 0.9995), as mergekit."""
-    wtree.check_compatible(base, other, names=("base_model", "model"))
+def _fraction(name, t):
+    if not isinstance(t, (int, float, np.floating, np.integer)) or isinstance(t, bool) or not 0 <= t <= 1:
+        raise MergeError(f"{name}: t must be a number in [0, 1], got {t!r}")
+
+
+@merge_method("slerp", count=(1, 1), mergekit=True, paper="Shoemake 1985; mergekit")
+def slerp(base, models, *, t):
+    """Spherical interpolation per tensor from ``base`` (t=0) to the one model (t=1); linear when the
+    tensors are nearly colinear (|cos| > 0.9995), as mergekit."""
+    _fraction("slerp", t)
+    other = first(models)
     return jax.tree.map(lambda a, b: _slerp(t, a, b).astype(a.dtype) if wtree.is_array(a) else a, base, other)
 
 
-def nearswap(base, other, *, t):
-    """NearSwap: take ``other``'s value where it is within ``t`` of ``base``'s, interpolating by
+@merge_method("nearswap", count=(1, 1), mergekit=True, paper="mergekit")
+def nearswap(base, models, *, t):
+    """NearSwap: take the model's value where it is within ``t`` of ``base``'s, interpolating by
     ``clip(t / |base - other|, 0, 1)``."""
-    wtree.check_compatible(base, other, names=("base_model", "model"))
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
+        raise MergeError(f"nearswap: t must be a number >= 0, got {t!r}")
+    other = first(models)
 
     def one(a, b):
         if not wtree.is_array(a):
@@ -256,14 +284,16 @@ def nearswap(base, other, *, t):
     return jax.tree.map(one, base, other)
 
 
-def karcher(models, *, weight=1.0, max_iter: int = 10, tol: float = 1e-5):
+@merge_method("karcher", base="unused", per_model_params=("weight",), mergekit=True, paper="Karcher 1977; mergekit")
+def karcher(base, models, *, weight=1.0, max_iter: int = 10, tol: float = 1e-5):
     """Riemannian (Karcher) mean of the unit directions, scaled by the weighted mean of the norms
     (mergekit's ``karcher``: fixed-point iterations on the sphere, equal weights; ``weight`` is our
     extension, normalised to sum to 1)."""
-    stacked = _stacked(models)
-    n = _check(None, stacked, need_base=False)
-    alphas = jnp.asarray(_per_model(weight, n, "weight"), jnp.float32)
-    alphas = alphas / jnp.sum(alphas)
+    n = wtree.num_models(models)
+    w64 = per_model(weight, n, "weight")
+    if abs(w64.sum()) < 1e-12:
+        raise MergeError("karcher: the weights sum to zero")
+    alphas = jnp.asarray(w64 / w64.sum(), jnp.float32)
 
     def one(s):
         if not wtree.is_array(s):
@@ -276,8 +306,8 @@ def karcher(models, *, weight=1.0, max_iter: int = 10, tol: float = 1e-5):
         a = a / jnp.where(jnp.sum(a) == 0, 1, jnp.sum(a))
         u = jnp.sum(a[:, None] * units, axis=0)
         nu = jnp.linalg.norm(u)
-        first = units[jnp.argmax(valid)]
-        u = jnp.where(nu < tol, first, u / jnp.where(nu < tol, 1, nu))
+        first_valid = units[jnp.argmax(valid)]
+        u = jnp.where(nu < tol, first_valid, u / jnp.where(nu < tol, 1, nu))
 
         def body(_, carry):
             u, done = carry
@@ -297,16 +327,14 @@ def karcher(models, *, weight=1.0, max_iter: int = 10, tol: float = 1e-5):
         out = jnp.where(jnp.any(valid), scale * u, jnp.zeros_like(u))
         return out.reshape(s.shape[1:]).astype(s.dtype)
 
-    return jax.tree.map(one, stacked)
+    return jax.tree.map(one, models)
 
 
+@merge_method("model_stock", count=(2, None), mergekit=True, paper="Jang et al. 2024")
 def model_stock(base, models, *, filter_wise: bool = False):
-    """Model Stock (Jang et al. 2024): interpolate the average of >= 2 fine-tunes towards the base
-    by ``t = N cos / (1 + (N - 1) cos)``, cos = mean pairwise cosine of their offsets from the base."""
-    stacked = _stacked(models)
-    n = _check(base, stacked)
-    if n < 2:
-        raise MergeError("model_stock needs at least two fine-tuned models besides the base")
+    """Model Stock: interpolate the average of >= 2 fine-tunes towards the base by
+    ``t = N cos / (1 + (N - 1) cos)``, cos = mean pairwise cosine of their offsets from the base."""
+    n = wtree.num_models(models)
 
     def one(b, s):
         if not wtree.is_array(b):
@@ -332,10 +360,10 @@ def model_stock(base, models, *, filter_wise: bool = False):
         out = t * avg.reshape(shape) + (1 - t) * w0.reshape(shape)
         return out.reshape(b.shape).astype(b.dtype)
 
-    return jax.tree.map(one, base, stacked)
+    return jax.tree.map(one, base, models)
 
 
-def passthrough(model):
-    """Returns the (single) model unchanged (mergekit's passthrough; slices come with the YAML engine)."""
-    return model
-
+@merge_method("passthrough", base="unused", count=(1, 1), mergekit=True, paper="mergekit (frankenmerges via slices)")
+def passthrough(base, models):
+    """The one model unchanged (layer stacking comes from the YAML engine's ``slices``)."""
+    return first(models)

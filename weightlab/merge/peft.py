@@ -83,21 +83,22 @@ def write_adapter(out_dir, modules: dict[str, tuple[np.ndarray, np.ndarray]], *,
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def extract_lora_checkpoint(base_dir, finetuned_dir, out_dir, *, rank=16, select: str | None = None,
+def extract_lora_checkpoint(base_dir, finetuned_dir, out_dir, *, rank=16, select=None,
                             overwrite: bool = False, echo=print) -> dict:
     """Extract a PEFT LoRA adapter from two Hugging Face safetensors checkpoints, tensor by tensor.
 
-    Every 2-D ``*.weight`` tensor matched by ``select`` (regex; default: all except embeddings, the
-    LM head and norms) becomes ``lora_B`` (out, r) ``lora_A`` (r, in) with ``B @ A`` the best rank-r
+    Every 2-D ``*.weight`` tensor ``select`` picks (any :func:`weightlab.tree.selector` of tensor
+    names; default: all except embeddings, the LM head and norms) becomes ``lora_B`` (out, r) ``lora_A`` (r, in) with ``B @ A`` the best rank-r
     approximation of ``finetuned - base`` (Eckart-Young). Validation (names, shapes, rank) happens
     before any SVD. Returns ``{tensor name: relative Frobenius error}``."""
     from ..io.safetensors import Checkpoint
 
     base, ft = Checkpoint(base_dir), Checkpoint(finetuned_dir)
     try:
-        rx = re.compile(select) if select else None
-        names = [n for n in base.keys() if n.endswith(".weight") and len(base.shape(n)) == 2
-                 and (rx.search(n) if rx else not re.search(_NOT_LINEAR, n))]
+        from .. import tree as wtree
+
+        pick = wtree.selector(select) if select is not None else ~wtree.selector(_NOT_LINEAR)
+        names = [n for n in base.keys() if n.endswith(".weight") and len(base.shape(n)) == 2 and pick(n)]
         if not names:
             raise MergeError(f"no 2-D weight matched {select or 'the default selection'} in {base_dir}")
         for n in names:

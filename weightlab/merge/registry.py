@@ -1,82 +1,206 @@
-"""The merge methods the YAML engine knows, with how each is called and which of its parameters are
-per model. mergekit's methods keep mergekit's names; the others (marked ``extra``) are weightlab
-extensions that work tensor by tensor and so stream as well.
+"""The merge registry: every merge method is one decorated function with one signature,
 
-Call conventions (``kind``):
-``base``   fn(base, stacked_models, **kw)   most task-vector methods;
-``pair``   fn(base, other, **kw)            exactly one model besides the base;
-``nobase`` fn(stacked_models, **kw)         linear, karcher, passthrough (base counts as a model);
-``opt``    fn(stacked_models, base=..., **kw) nuslerp / multislerp (base optional).
+    fn(base, models, *, key=None, **hp) -> merged params
+
+``base`` is a params pytree (``None`` for methods that merge the models only), ``models`` a list of
+pytrees or a stacked pytree (leading model axis). :func:`merge_method` wraps the function with the
+shared input path — QArray inputs dequantized, lists stacked, the method's model-count and base
+rules, structure/shape checks against the base, mergekit's ``lambda`` spelling, unknown or missing
+hyper-parameters, NaN/Inf by one jitted reduction per tree — so the body receives a validated
+stacked pytree. It registers the method with the facts every consumer reads: the package
+namespace (``merge.ties``), :func:`transform` (the method as a :class:`~weightlab.WeightTransform`
+taking ``models=``), the streaming YAML engine (model-count rule, per-model parameters, numpy fast
+path, host top-k), the CLI's method list and the README/docs tables.
+
+This module and the method modules load without JAX (:mod:`weightlab._lazy`), so validating a
+YAML config or running a linear merge never imports it.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import functools
-import importlib
-from pathlib import Path
+import inspect
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from .. import _lazy
+from ..errors import MergeError, MissingExtraError, StructureMismatchError
+from ..registry import Registry
+
+jax = _lazy.module("jax")
+
+__all__ = ["METHODS", "merge_method", "inputs", "per_model", "transform", "mergekit_names", "dequantized"]
+
+METHODS = Registry("merge", modules=("weightlab.merge.methods", "weightlab.merge.spherical", "weightlab.merge.masking",
+                                     "weightlab.merge.subspace", "weightlab.merge.continual", "weightlab.merge.fisher",
+                                     "weightlab.merge.regression", "weightlab.merge.learned"))
+_IMPLICIT = ("base", "models", "key", "threshold")
 
 
-@functools.cache
-def _signature(module: str, name: str) -> tuple[str, ...]:
-    """Keyword-only parameter names of ``module.name``, read from the source with :mod:`ast`, so
-    validating a YAML config does not import JAX (tests check this against ``inspect.signature``)."""
-    tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    return tuple(a.arg for a in fn.args.kwonlyargs)
+def per_model(v, n: int, name: str) -> np.ndarray:
+    """A hyper-parameter given once or once per model, as float64 (n,)."""
+    try:
+        a = np.broadcast_to(np.asarray(v, np.float64), (n,)) if np.ndim(v) == 0 else np.asarray(v, np.float64)
+    except (TypeError, ValueError):
+        raise MergeError(f"{name} must be a number or one number per model, got {v!r}") from None
+    if a.shape != (n,):
+        raise MergeError(f"{name} needs one value or {n} values (one per model), got {np.shape(v)}")
+    return a
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    where: str                 # "module:function" inside weightlab.merge (imported on first call)
-    kind: str
-    per_model: frozenset = frozenset()
-    fixed: tuple = ()          # keyword arguments the streaming engine always passes
-    extra: bool = False        # not a mergekit method
-    magnitude: bool = False    # top-k magnitude trimming: cut-offs computed on the host when streaming
+def dequantized(x):
+    """``x`` with every QArray leaf replaced by its float array (lists of trees handled)."""
+    from .. import tree as wtree
 
-    @property
-    def fn(self):
-        module, name = self.where.split(":")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-
-    @property
-    def parameters_all(self) -> set[str]:
-        return set(_signature(*self.where.split(":")))
-
-    @property
-    def parameters(self) -> set[str]:
-        """Keyword parameter names, mergekit spelling (``lambda``)."""
-        names = self.parameters_all - {"key", "base", "exclude", "threshold"}
-        names -= {k for k, _ in self.fixed}
-        return (names - {"lambda_"}) | {"lambda"} if "lambda_" in names else names
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(dequantized(e) for e in x)
+    leaves = jax.tree.leaves(x, is_leaf=wtree.is_atomic)
+    if not any(wtree.is_atomic(leaf) for leaf in leaves):
+        return x
+    return jax.tree.map(lambda q: q.dequantize() if wtree.is_atomic(q) else q, x, is_leaf=wtree.is_atomic)
 
 
-_GTA = frozenset({"weight", "density", "gamma", "epsilon"})
-SPECS: dict[str, MethodSpec] = {
-    "ties": MethodSpec("methods:ties", "base", _GTA, magnitude=True),
-    **{n: MethodSpec(f"methods:{n}", "base", _GTA)
-       for n in ("task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-                 "della_linear")},
-    "sce": MethodSpec("methods:sce", "base"),
-    "model_stock": MethodSpec("methods:model_stock", "base"),
-    "linear": MethodSpec("methods:linear", "nobase", frozenset({"weight"})),
-    "karcher": MethodSpec("methods:karcher", "nobase", frozenset({"weight"})),
-    "passthrough": MethodSpec("methods:passthrough", "nobase"),
-    "slerp": MethodSpec("methods:slerp", "pair"),
-    "nearswap": MethodSpec("methods:nearswap", "pair"),
-    "arcee_fusion": MethodSpec("masking:arcee_fusion", "pair"),
-    "nuslerp": MethodSpec("spherical:nuslerp", "opt", frozenset({"weight"})),
-    "multislerp": MethodSpec("spherical:multislerp", "opt", frozenset({"weight"})),
-    "ram": MethodSpec("masking:ram", "base"),
-    "ramplus_tl": MethodSpec("masking:ramplus_tl", "base"),
-    # weightlab extensions (per tensor, so they stream; HF weights are (out, in))
-    "magmax": MethodSpec("masking:magmax", "base", extra=True),
-    "consensus": MethodSpec("masking:consensus", "base", extra=True),
-    "tsv_m": MethodSpec("subspace:tsv_m", "base", frozenset({"weight"}), extra=True),
-    "iso_c": MethodSpec("subspace:iso_c", "base", frozenset({"weight"}), extra=True),
-    "iso_cts": MethodSpec("subspace:iso_cts", "base", frozenset({"weight"}), extra=True),
-    "wudi": MethodSpec("subspace:wudi", "base", frozenset({"weight"}), fixed=(("input_axis", 1),), extra=True),
-    "pcb": MethodSpec("masking:pcb", "base", frozenset({"weight"}), fixed=(("scope", "tensor"),), extra=True),
-}
+class Inputs(NamedTuple):
+    base: Any
+    models: Any  # stacked, leading model axis
+    n: int
+
+
+def _rule(lo: int, hi: int | None) -> str:
+    if hi == lo:
+        return f"exactly {lo}"
+    return f"at least {lo}" if hi is None else f"{lo} to {hi}"
+
+
+def inputs(base, models, *, name: str = "merge", base_rule: str = "required", count=(1, None)) -> Inputs:
+    """The shared input path of every merge (see the module docstring)."""
+    from .. import tree as wtree
+
+    if models is None:
+        raise MergeError(f"{name}: no models to merge")
+    if isinstance(models, (list, tuple)) and not hasattr(models, "_fields"):
+        if not models:
+            raise MergeError(f"{name}: no models to merge")
+        models = dequantized(list(models))
+        for i, m in enumerate(models[1:], 1):
+            wtree.check_compatible(models[0], m, names=("model[0]", f"model[{i}]"))
+        stacked = wtree.stack(models)
+    else:
+        stacked = dequantized(models)
+    if base_rule == "required" and base is None:
+        raise MergeError(f"{name} needs a base model (the first argument)")
+    if base_rule == "unused" and base is not None:
+        raise MergeError(f"{name} merges the models only: pass base=None and list every model in models")
+    base = None if base is None else dequantized(base)
+    if base is not None and not isinstance(models, (list, tuple)):
+        sp, bp = wtree.flatten_with_paths(stacked)[0], wtree.flatten_with_paths(base)[0]
+        if len(sp) == len(bp) and all(np.shape(x) == np.shape(y) for (_, x), (_, y) in zip(sp, bp)):
+            raise MergeError(f"{name}: models looks like a single model (no leading model axis); pass a list of "
+                             "models, e.g. [model], or a stacked pytree (weightlab.tree.stack)")
+    try:
+        n = wtree.num_models(stacked)
+    except (ValueError, StructureMismatchError) as e:
+        raise MergeError(f"{name}: models must be a list of pytrees or a stacked pytree with a leading model axis "
+                         f"({e})") from None
+    if base is not None:
+        first = jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked)
+        wtree.check_compatible(base, first, names=("base_model", "models"))
+    lo, hi = count
+    if n < lo or (hi is not None and n > hi):
+        what = "models besides the base" if base_rule != "unused" else "models"
+        raise MergeError(f"{name} merges {_rule(lo, hi)} {what}, got {n}")
+    bad = wtree.nonfinite(stacked) + (wtree.nonfinite(base) if base is not None else [])
+    if bad:
+        raise MergeError(f"'{bad[0]}': NaN/Inf in the models; refusing to merge ({name})")
+    return Inputs(base, stacked, n)
+
+
+def merge_method(name: str | None = None, *, base: str = "required", count=(1, None), per_model_params=(),
+                 mergekit: bool = False, stream: bool = True, stream_kwargs=(), host_topk: bool = False,
+                 fast: Callable | None = None, extras: Sequence[str] = (), continual=None, paper: str = ""):
+    """Register ``fn(base, models, *, key=None, **hp)`` as a merge method (see the module docstring).
+
+    ``base``: "required" | "optional" | "unused"; ``count``: (min, max or None) models besides the
+    base; ``per_model_params``: hyper-parameters given once or once per model (YAML: per-model
+    ``parameters``); ``stream``: works tensor by tensor (the YAML engine may use it); ``stream_kwargs``:
+    what the engine always passes (HF ``(out, in)`` layouts ...); ``host_topk``: the engine computes
+    magnitude cut-offs on the host and passes ``threshold=``; ``fast(block, kw, has_base)``: an in-place
+    numpy evaluation for the engine (None when ``kw`` needs the general path); ``extras``: data inputs
+    the transform takes as apply-time extras (``fishers=``, ``grams=``); ``continual``: ``(init,
+    step)`` for methods that fold models in one at a time (the transform keeps their state).
+    """
+    if base not in ("required", "optional", "unused"):
+        raise ValueError(f"base must be 'required', 'optional' or 'unused', got {base!r}")
+
+    def deco(fn):
+        key_name = name or fn.__name__
+        sig = inspect.signature(fn)
+        known = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
+        required = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and p.default is p.empty}
+
+        @functools.wraps(fn)
+        def wrapper(base_model, models, *, key=None, **hp):
+            if "key" in known:
+                hp["key"] = key  # deterministic methods accept and ignore it (one signature for all)
+            if "lambda" in hp:
+                if "lambda_" in hp:
+                    raise MergeError(f"{key_name}: give 'lambda' or 'lambda_', not both")
+                hp["lambda_"] = hp.pop("lambda")
+            unknown = sorted(set(hp) - known)
+            if unknown:
+                shown = sorted(known - set(_IMPLICIT))
+                raise MergeError(f"{key_name} has no parameter {unknown[0]!r} (it takes {shown})")
+            missing = sorted(required - set(hp))
+            if missing:
+                raise MergeError(f"{key_name} needs the parameter {missing[0]!r}")
+            x = inputs(base_model, models, name=key_name, base_rule=base, count=count)
+            return fn(x.base, x.models, **hp)
+
+        wrapper.__wrapped__ = fn
+        METHODS.register(key_name, base=base, count=tuple(count), per_model=frozenset(per_model_params),
+                         mergekit=mergekit, stream=stream, stream_kwargs=tuple(stream_kwargs), host_topk=host_topk,
+                         fast=fast, extras=tuple(extras), continual=continual, paper=paper, params_of=fn, doc_of=fn,
+                         random="key" in known,
+                         implicit=_IMPLICIT + tuple(extras), required=frozenset(required))(wrapper)
+        return wrapper
+
+    return deco
+
+
+def mergekit_names() -> list[str]:
+    """mergekit's method names, as registered."""
+    return METHODS.names(mergekit=True)
+
+
+def transform(name: str, **hp):
+    """Merge method ``name`` as a :class:`~weightlab.WeightTransform`: ``apply(params, state,
+    models=..., key=...)`` merges ``models`` (a list or stacked pytree) with ``params`` as the base
+    (methods whose base is unused merge the models only and replace ``params``; optional-base methods
+    use ``params`` as the base). Data inputs (``fishers=``, ``grams=`` ...) are extras too, and
+    everything params-shaped is masked by ``select``/``partition``, so ``partition({"attn/":
+    transform("ties", density=0.3), "mlp/": transform("linear")}, default=identity())`` is one
+    recipe. Continual methods (OPCM) keep their running state in the transform's state."""
+    from ..core import EmptyState, WeightTransform
+
+    entry = METHODS[name]
+    bad = sorted(set(hp) - set(entry.parameters) - {"lambda"})
+    if bad:
+        raise MergeError(f"{name} has no parameter {bad[0]!r} (it takes {sorted(entry.parameters)})")
+    if entry.continual is not None:
+        init, step = entry.continual
+        return WeightTransform(init, lambda params, state, **ex: step(params, state, _models(name, ex), **hp))
+
+    def apply(params, state, **ex):
+        kw = dict(hp, **{k: ex[k] for k in entry.extras if ex.get(k) is not None})
+        if entry.random and ex.get("key") is not None:
+            kw["key"] = ex["key"]
+        return entry.fn(None if entry.base == "unused" else params, _models(name, ex), **kw), state
+
+    return WeightTransform(lambda params: EmptyState(), apply)
+
+
+def _models(name, extras):
+    if extras.get("models") is None:
+        raise MissingExtraError(f"merge transform {name!r} needs apply(params, state, models=[...] or a stacked tree)")
+    return extras["models"]

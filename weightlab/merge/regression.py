@@ -10,61 +10,64 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
+from .registry import merge_method, per_model
 
-__all__ = ["regmean", "regmean_from_grams"]
+jnp = _lazy.module("jax.numpy")
+
+__all__ = ["regmean", "regmean_grams"]
 
 
-def regmean_from_grams(models: Sequence[Any], grams: Sequence[dict], *, alpha: float = 0.9, axes: dict | None = None,
-                       weight=1.0):
-    """Merge with given Gram matrices: ``grams[i][path]`` is model i's (K, K) input Gram for the
-    weight at ``path`` (its input axis ``axes[path]``, default 0). Leaves without a Gram are averaged
-    with ``weight``."""
-    if not models or len(models) != len(grams):
-        raise MergeError("regmean needs one set of Gram matrices per model")
+def _gram(g, path):
+    """(Gram matrix, input axis of the weight) from a capture ``Stats`` or a plain (K, K) array."""
+    if hasattr(g, "xtx"):
+        return jnp.asarray(g.xtx, jnp.float32), g.axis
+    return jnp.asarray(g, jnp.float32), 0
+
+
+@merge_method("regmean", base="unused", per_model_params=("weight",), stream=False, extras=("grams",),
+              paper="Jin et al. 2023 (RegMean)")
+def regmean(base, models, *, grams: Sequence[dict], alpha: float = 0.9, weight=1.0):
+    """RegMean: per linear layer ``W* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i``; other leaves weight-averaged.
+
+    ``grams[i][path]``: model i's input Gram of the weight at ``path`` — a ``quant.capture`` Stats
+    (its input axis included) or a (K, K) array for an (in, out) kernel; :func:`regmean_grams`
+    measures them. Leaves without a Gram in every model are averaged with ``weight``."""
+    n = wtree.num_models(models)
+    if len(grams) != n:
+        raise MergeError(f"regmean needs one set of Gram matrices per model: {len(grams)} for {n} models")
     if not 0 <= alpha <= 1:
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
-    for i, m in enumerate(models[1:], 1):
-        wtree.check_compatible(models[0], m, names=("model[0]", f"model[{i}]"))
-    lam = np.broadcast_to(np.asarray(weight, np.float64), (len(models),))
-    flats = [wtree.to_flat_dict(m) for m in models]
-    out = {}
-    for p, x in flats[0].items():
+    lam = per_model(weight, n, "weight")
+
+    def one(p, x):
         if not wtree.is_array(x):
-            out[p] = x
-            continue
-        if all(p in g for g in grams) and np.ndim(x) == 2:
-            ax = (axes or {}).get(p, 0)
-            ws = [jnp.asarray(f[p], jnp.float32) if ax == 0 else jnp.asarray(f[p], jnp.float32).T for f in flats]
-            gs = []
+            return x
+        ws = [x[i].astype(jnp.float32) for i in range(n)]
+        if np.ndim(x) == 3 and all(p in g for g in grams):
+            gs, ax = [], 0
             for g in grams:
-                gm = jnp.asarray(g[p], jnp.float32)
+                gm, ax = _gram(g[p], p)
                 gs.append(alpha * gm + (1 - alpha) * jnp.diag(jnp.diagonal(gm)))
+            ws = ws if ax == 0 else [w.T for w in ws]
             lhs = sum(gs)
             rhs = sum(g @ w for g, w in zip(gs, ws))
             sol = jnp.linalg.solve(lhs + 1e-8 * jnp.mean(jnp.diagonal(lhs)) * jnp.eye(lhs.shape[0]), rhs)
-            out[p] = (sol if ax == 0 else sol.T).astype(x.dtype)
-        else:
-            out[p] = (sum(l * jnp.asarray(f[p], jnp.float32) for l, f in zip(lam, flats)) / lam.sum()).astype(x.dtype)
-    pairs, treedef = wtree.flatten_with_paths(models[0])
-    return treedef.unflatten([out[p] for p, _ in pairs])
+            return (sol if ax == 0 else sol.T).astype(x.dtype)
+        return (sum(float(l) * w for l, w in zip(lam, ws)) / lam.sum()).astype(x.dtype)
+
+    return wtree.map_with_path(one, models)
 
 
-def regmean(apply_fn: Callable, models: Sequence[Any], datasets: Sequence[Iterable[Any]], *, alpha: float = 0.9,
-            select_re: str | None = None, row_mask: Callable | None = None):
-    """RegMean over ``models`` (pytrees of one architecture), each with its own calibration batches."""
-    import re
-
+def regmean_grams(apply_fn: Callable, models: Sequence[Any], datasets: Sequence[Iterable[Any]], *,
+                  select: wtree.SelectorLike = None, row_mask: Callable | None = None) -> list[dict]:
+    """Each model's input Gram matrices on its own calibration batches (traced, any ``apply_fn``):
+    the ``grams=`` of :func:`regmean`."""
     from ..quant.calibrate import capture
 
     if len(models) != len(datasets):
-        raise MergeError("regmean needs one dataset per model")
-    sel = (lambda p: re.search(select_re, p) is not None) if select_re else None
-    stats = [capture(apply_fn, m, list(d), select=sel, row_mask=row_mask) for m, d in zip(models, datasets)]
-    grams = [{p: s.xtx for p, s in st.items()} for st in stats]
-    axes = {p: s.axis for p, s in stats[0].items()}
-    return regmean_from_grams(models, grams, alpha=alpha, axes=axes)
+        raise MergeError("regmean_grams needs one dataset per model")
+    return [capture(apply_fn, m, list(d), select=select, row_mask=row_mask) for m, d in zip(models, datasets)]

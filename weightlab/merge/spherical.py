@@ -21,13 +21,14 @@ the arrays are concrete (inside ``jit`` the result is the linear fallback).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
-from .methods import _check, _per_model, _stacked
+from .registry import merge_method, per_model
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
 
 __all__ = ["nuslerp", "multislerp"]
 
@@ -52,18 +53,15 @@ def _nuslerp_tensor(t, v0, v1, axis, flatten, eps=1e-8):
     return res.reshape(shape)
 
 
-def nuslerp(models, *, weight, base=None, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False):
+@merge_method("nuslerp", base="optional", count=(2, 2), per_model_params=("weight",), mergekit=True,
+              paper="mergekit (NuSLERP)")
+def nuslerp(base, models, *, weight, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False):
     """Slerp two models (or their task vectors from ``base``) at ``t = w_1 / (w_0 + w_1)``.
 
-    ``models``: two pytrees (list or stacked). ``weight``: two numbers (required, as in mergekit).
-    ``nuslerp_flatten`` measures one angle per tensor; otherwise per vector along the last axis, or
-    along axis 0 with ``nuslerp_row_wise``. Returns one pytree in the models' dtypes.
+    ``weight``: two numbers (required, as in mergekit). ``nuslerp_flatten`` measures one angle per
+    tensor; otherwise per vector along the last axis, or along axis 0 with ``nuslerp_row_wise``.
     """
-    stacked = _stacked(models)
-    n = _check(base, stacked, need_base=base is not None)
-    if n != 2:
-        raise MergeError(f"nuslerp merges exactly two models (plus an optional base), got {n}")
-    w = _per_model(weight, 2, "weight")
+    w = per_model(weight, 2, "weight")
     t = 0.5 if abs(w.sum()) < 1e-6 else float(w[1] / w.sum())
     axis = 0 if nuslerp_row_wise else -1
 
@@ -79,16 +77,16 @@ def nuslerp(models, *, weight, base=None, nuslerp_flatten: bool = True, nuslerp_
         return out.astype(s.dtype)
 
     if base is None:
-        return wtree.map_with_path(one, stacked)
-    return wtree.map_with_path(one, stacked, base)
+        return wtree.map_with_path(one, models)
+    return wtree.map_with_path(one, models, base)
 
 
-def multislerp(models, *, weight=1.0, base=None, normalize_weights: bool = True, eps: float = 1e-8):
+@merge_method("multislerp", base="optional", per_model_params=("weight",), mergekit=True, paper="Goddard 2024")
+def multislerp(base, models, *, weight=1.0, normalize_weights: bool = True, eps: float = 1e-8):
     """Barycentric interpolation of N models on the hypersphere (per tensor), optionally of their
     task vectors from ``base``; ``weight``: one number or one per model."""
-    stacked = _stacked(models)
-    n = _check(base, stacked, need_base=base is not None)
-    w = _per_model(weight, n, "weight")
+    n = wtree.num_models(models)
+    w = per_model(weight, n, "weight")
     if normalize_weights:
         if abs(w.sum()) < 1e-12:
             raise MergeError("multislerp weights sum to zero; cannot normalise them")
@@ -123,5 +121,5 @@ def multislerp(models, *, weight=1.0, base=None, normalize_weights: bool = True,
         return res.astype(s.dtype)
 
     if base is None:
-        return wtree.map_with_path(one, stacked)
-    return wtree.map_with_path(one, stacked, base)
+        return wtree.map_with_path(one, models)
+    return wtree.map_with_path(one, models, base)

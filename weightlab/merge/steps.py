@@ -24,8 +24,10 @@ instead of per tensor: :func:`global_thresholds` provides the per-model cut-offs
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from .. import _lazy
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
 
 __all__ = ["model_sum", "magnitude_mask", "outlier_mask", "bernoulli_mask", "della_mask", "rescale", "sparsify",
            "consensus_mask", "combine", "global_thresholds"]

@@ -1,8 +1,8 @@
 """Merges that act on the singular structure of each weight matrix: TSV-M, Iso-C, Iso-CTS, WUDI.
 
-Every 2-D array leaf not matched by ``exclude`` (a path regex / list / predicate, as
-:func:`weightlab.tree.predicate`) is treated as a matrix; other leaves (biases, norms, conv kernels)
-get the mean of the task vectors, as the FusionBench reference implementations do. The result is
+Every 2-D array leaf that ``select`` picks (any :func:`weightlab.tree.selector`; default: all) is
+treated as a matrix; other leaves (biases, norms, conv kernels) get the mean of the task vectors, as
+the FusionBench reference implementations do. The result is
 ``base + lambda_ * merged``.
 
 * :func:`tsv_m` (Gargiulo et al., CVPR 2025, "Task Singular Vectors"): each task keeps its top
@@ -24,15 +24,13 @@ get the mean of the task vectors, as the FusionBench reference implementations d
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
-import optax
-
-from .. import tree as wtree
+from .. import _lazy, tree as wtree
 from ..errors import MergeError
-from .methods import _check, _per_model, _stacked
+from .registry import merge_method, per_model
+
+jax = _lazy.module("jax")
+jnp = _lazy.module("jax.numpy")
+optax = _lazy.module("optax")
 
 __all__ = ["tsv_m", "iso_c", "iso_cts", "wudi"]
 
@@ -47,18 +45,17 @@ def _polar(x):
     return u @ vt
 
 
-def _run(base, models, matrix_fn, *, weight=1.0, lambda_=1.0, exclude=None):
-    stacked = _stacked(models)
-    n = _check(base, stacked)
-    w = jnp.asarray(_per_model(weight, n, "weight"), jnp.float32)
-    skip = wtree.predicate(exclude) if exclude is not None else (lambda p, x: False)
+def _run(base, stacked, matrix_fn, *, weight=1.0, lambda_=1.0, select=None):
+    n = wtree.num_models(stacked)
+    w = jnp.asarray(per_model(weight, n, "weight"), jnp.float32)
+    pick = wtree.selector(select)
 
     def one(path, b, s):
         if not wtree.is_array(b):
             return b
         b32 = b.astype(jnp.float32)
         tau = (s.astype(jnp.float32) - b32[None]) * w.reshape((n,) + (1,) * b.ndim)
-        if b.ndim == 2 and not skip(path, b):
+        if b.ndim == 2 and pick(path, b):
             merged = matrix_fn(tau)
         else:
             merged = jnp.mean(tau, axis=0)
@@ -67,7 +64,7 @@ def _run(base, models, matrix_fn, *, weight=1.0, lambda_=1.0, exclude=None):
     return wtree.map_with_path(one, base, stacked)
 
 
-@jax.jit
+@_lazy.jit
 def _tsv_matrix(tau):
     n, r = tau.shape[0], min(tau.shape[1:])
     k = r // n
@@ -79,23 +76,25 @@ def _tsv_matrix(tau):
     return (_polar(us) * ss) @ _polar(vs.T).T
 
 
-def tsv_m(base, models, *, weight=1.0, lambda_: float = 1.0, exclude=None):
-    """TSV-Merge: per-task low-rank SVD pieces, decorrelated and summed (see module docstring)."""
-    return _run(base, models, _tsv_matrix, weight=weight, lambda_=lambda_, exclude=exclude)
+@merge_method("tsv_m", per_model_params=("weight",), paper="Gargiulo et al. 2025 (Task Singular Vectors)")
+def tsv_m(base, models, *, weight=1.0, lambda_: float = 1.0, select=None):
+    """TSV-M: per-task low-rank SVD pieces, decorrelated and summed (see module docstring)."""
+    return _run(base, models, _tsv_matrix, weight=weight, lambda_=lambda_, select=select)
 
 
-@jax.jit
+@_lazy.jit
 def _iso_matrix(tau):
     u, s, vt = _svd(jnp.sum(tau, axis=0))
     return (u * jnp.mean(s)) @ vt
 
 
-def iso_c(base, models, *, weight=1.0, lambda_: float = 1.0, exclude=None):
+@merge_method("iso_c", per_model_params=("weight",), paper="Marczak et al. 2025 (No Task Left Behind)")
+def iso_c(base, models, *, weight=1.0, lambda_: float = 1.0, select=None):
     """Iso-C: the summed task vector with a flat singular spectrum (mean singular value)."""
-    return _run(base, models, _iso_matrix, weight=weight, lambda_=lambda_, exclude=exclude)
+    return _run(base, models, _iso_matrix, weight=weight, lambda_=lambda_, select=select)
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@_lazy.jit(static_argnums=1)
 def _iso_cts_matrix(tau, common_space_fraction):
     n, r = tau.shape[0], min(tau.shape[1:])
     common = int(r * common_space_fraction)
@@ -114,15 +113,16 @@ def _iso_cts_matrix(tau, common_space_fraction):
     return (_polar(uu) * jnp.mean(ss)) @ _polar(vv.T).T
 
 
-def iso_cts(base, models, *, common_space_fraction: float = 0.8, weight=1.0, lambda_: float = 1.0, exclude=None):
+@merge_method("iso_cts", per_model_params=("weight",), paper="Marczak et al. 2025 (No Task Left Behind)")
+def iso_cts(base, models, *, common_space_fraction: float = 0.8, weight=1.0, lambda_: float = 1.0, select=None):
     """Iso-CTS: isotropic merge of a common subspace plus task-specific residual directions."""
     if not 0 <= common_space_fraction <= 1:
         raise MergeError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
     return _run(base, models, lambda t: _iso_cts_matrix(t, float(common_space_fraction)), weight=weight,
-                lambda_=lambda_, exclude=exclude)
+                lambda_=lambda_, select=select)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@_lazy.jit(static_argnums=(1, 2, 3))
 def _wudi_matrix(tau, input_axis, steps, lr):
     t = tau if input_axis == 1 else jnp.swapaxes(tau, 1, 2)  # (n, out, in)
     norms = jnp.sum(t.reshape(t.shape[0], -1) ** 2, axis=1)
@@ -145,10 +145,12 @@ def _wudi_matrix(tau, input_axis, steps, lr):
     return m if input_axis == 1 else m.T
 
 
+@merge_method("wudi", per_model_params=("weight",), stream_kwargs=(("input_axis", 1),),
+              paper="Cheng et al. 2025 (WUDI-merging)")
 def wudi(base, models, *, steps: int = 300, lr: float = 1e-5, input_axis: int = 0, weight=1.0,
-         lambda_: float = 1.0, exclude=None):
-    """WUDI-merging: per matrix, the task vector that least disturbs every task's input subspace."""
+         lambda_: float = 1.0, select=None):
+    """WUDI: per matrix, the task vector that least disturbs every task's input subspace (data-free)."""
     if input_axis not in (0, 1):
         raise MergeError(f"input_axis must be 0 (Flax (in, out) kernels) or 1 ((out, in) weights), got {input_axis}")
     return _run(base, models, lambda t: _wudi_matrix(t, input_axis, int(steps), float(lr)), weight=weight,
-                lambda_=lambda_, exclude=exclude)
+                lambda_=lambda_, select=select)

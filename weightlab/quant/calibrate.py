@@ -17,7 +17,9 @@ functions alike, since it only looks at the traced program.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +36,14 @@ _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "cus
           "custom_vjp_call_jaxpr", "custom_lin"}
 
 
-class Stats(NamedTuple):
-    """Input statistics of one weight. ``axis``: the weight's axis contracted with ``x``."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["xtx", "abs_sum", "n"], meta_fields=["axis"])
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Input statistics of one weight (a pytree: it passes through ``jit``; ``axis`` is static).
+    ``axis``: the weight's axis contracted with ``x``."""
 
     xtx: jax.Array       # (F, F) float32, Σ xᵀx
-    abs_sum: jax.Array   # (F,) Σ |x|
+    abs_sum: Any         # (F,) Σ |x| (None in rotated statistics, which cannot derive it)
     n: jax.Array         # rows seen
     axis: int
 
@@ -53,7 +58,12 @@ class Stats(NamedTuple):
         return self.abs_sum / jnp.maximum(self.n, 1)
 
     def __add__(self, o: "Stats") -> "Stats":
-        return Stats(self.xtx + o.xtx, self.abs_sum + o.abs_sum, self.n + o.n, self.axis)
+        a = None if self.abs_sum is None or o.abs_sum is None else self.abs_sum + o.abs_sum
+        return Stats(self.xtx + o.xtx, a, self.n + o.n, self.axis)
+
+    def rotated(self, r) -> "Stats":
+        """Statistics of the rotated inputs ``x R``: ``Rᵀ XᵀX R`` (mean |x R| is not derivable: None)."""
+        return Stats(r.T @ self.xtx @ r, None, self.n, self.axis)
 
 
 def _sub_jaxpr(eqn):
@@ -144,13 +154,14 @@ class Capturer:
     """Compiled statistics collector for one function and params structure; reuse it across
     calls with different parameter values (sequential GPTQ re-captures after every layer)."""
 
-    def __init__(self, apply_fn: Callable, params, batch, *, select: Callable[[str], bool] | None = None,
+    def __init__(self, apply_fn: Callable, params, batch, *, select: wtree.SelectorLike = None,
                  row_mask: Callable[[Any], Any] | None = None):
         closed, pairs, _ = _trace(apply_fn, params, batch)
         self.paths = [p for p, _ in pairs]
         n = len(pairs)
         tags = {v: (i, tuple(range(len(v.aval.shape)))) for i, v in enumerate(closed.jaxpr.invars[:n])}
-        wanted = {i for i, p in enumerate(self.paths) if select is None or select(p)}
+        sel = wtree.selector(select)
+        wanted = {i for i, (p, x) in enumerate(pairs) if sel(p, x)}
         self.row_mask = row_mask
         self._axes: dict[int, int] = {}
 
@@ -187,10 +198,11 @@ class Capturer:
         return {self.paths[i]: s for i, s in sorted(total.items())}
 
 
-def capture(apply_fn: Callable, params, batches: Iterable[Any], *, select: Callable[[str], bool] | None = None,
+def capture(apply_fn: Callable, params, batches: Iterable[Any], *, select: wtree.SelectorLike = None,
             row_mask: Callable[[Any], Any] | None = None) -> dict[str, Stats]:
-    """Input statistics of every parameter used as a matmul operand (optionally only those whose
-    path satisfies ``select``), accumulated over ``batches``.
+    """Input statistics of every parameter used as a matmul operand (optionally only those
+    ``select`` picks, any :func:`weightlab.tree.selector`), accumulated over ``batches``: the
+    ``stats=`` extra of the calibrated quantizers (``quant.gptq``, ``quant.awq``).
 
     ``row_mask(batch)`` may return a 0/1 array over the leading axes of the activations (e.g. the
     attention mask (B, T) of a transformer) so padding positions do not count.

@@ -1,5 +1,6 @@
-"""``weightlab quantize``: data-free quantization of a safetensors checkpoint (the argument parser is in
-:mod:`weightlab.cli`, so building it does not import JAX)."""
+"""``weightlab quantize``: data-free quantization of a safetensors checkpoint, with any registered
+data-free method. Which options a method takes comes from its registry entry: an option the method
+does not have is a usage error, not silently ignored."""
 
 from __future__ import annotations
 
@@ -7,38 +8,71 @@ import json
 import re
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from ..errors import QuantizationError
 
-def _kwargs(args) -> dict:
-    g = args.group_size
-    group = None if g == "channel" else (0 if g == "tensor" else int(g))
-    if args.method == "rtn":
-        return dict(fmt=args.format, bits=args.bits, group_size=group if args.format not in ("mxfp4", "nvfp4") else "auto")
-    if args.method == "hqq":
-        return dict(bits=args.bits, group_size=group)
-    return dict(group_size=group)
+_FLAGS = {"fmt": "--format", "bits": "--bits", "group_size": "--group-size"}
+
+
+class UsageError(QuantizationError):
+    """A command-line option that does not apply, or a meaningless value."""
+
+
+def _group(text):
+    if text is None or text in ("auto", "channel", "tensor"):
+        return {"channel": None, "tensor": 0}.get(text, text)
+    try:
+        g = int(text)
+    except ValueError:
+        raise UsageError(f"--group-size must be a positive integer, 'auto', 'channel' or 'tensor', got {text!r}") from None
+    if g <= 0:
+        raise UsageError(f"--group-size must be positive (or 'channel' / 'tensor'), got {g}")
+    return g
+
+
+def method_kwargs(args) -> dict:
+    """The method's keyword arguments from the options the user gave (None = not given)."""
+    from .registry import METHODS
+
+    entry = METHODS[args.method]
+    if entry.calibrated:
+        raise UsageError(f"{args.method} needs calibration data; from the CLI only data-free methods run "
+                         f"({', '.join(METHODS.names(calibrated=False))}); use weightlab.quant.quantize from Python")
+    given = {"fmt": args.format, "bits": args.bits, "group_size": _group(args.group_size)}
+    kw = {}
+    for k, v in given.items():
+        if v is None or (k == "group_size" and args.group_size is None):
+            continue
+        if k not in entry.parameters:
+            raise UsageError(f"{_FLAGS[k]} does not apply to --method {args.method} (it takes "
+                             f"{', '.join(_FLAGS[p] for p in _FLAGS if p in entry.parameters)})")
+        kw[k] = v
+    return kw
 
 
 def run(args) -> int:
     from .. import io as wio
     from ..io.atomic import refuse_existing
     from . import check_quantizable, quantize_array, save
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ..dtypes import is_floating
 
     if not args.dry_run:
         refuse_existing(args.output, args.overwrite)
-    kw = _kwargs(args)
-    sel, exc = re.compile(args.select), re.compile(args.exclude) if args.exclude else None
+    kw = method_kwargs(args)
+    try:
+        sel = re.compile(args.select)
+        exc = re.compile(args.exclude) if args.exclude else None
+    except re.error as e:
+        raise UsageError(f"--select/--exclude: not a valid regular expression: {e}") from None
     t0 = time.time()
     with wio.open_checkpoint(args.input) as c:
         plan = []
         for name in c.keys():
             shape, dtype = c.shape(name), c.dtype(name)
-            floating = np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
-            chosen = len(shape) == 2 and floating and sel.search(name) and not (exc and exc.search(name))
+            chosen = len(shape) == 2 and is_floating(dtype) and sel.search(name) and not (exc and exc.search(name))
             axis = args.axis if args.axis is not None else (-1 if name.endswith(".weight") else -2)
             if chosen:  # validate every tensor from the header (shape/dtype only) before reading any data
                 check_quantizable(name, jax.ShapeDtypeStruct(shape, dtype),
@@ -64,7 +98,7 @@ def run(args) -> int:
                 dense_bytes += arr.nbytes
                 q_bytes += q.nbytes
             else:
-                out[name] = arr
+                out[name] = np.asarray(arr)
     save(args.output, out, metadata={"weightlab.recipe": {"method": args.method, **kw, "source": str(args.input)}},
          overwrite=args.overwrite)
     print(f"wrote {args.output}: quantized tensors {dense_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB "

@@ -23,7 +23,20 @@ import numpy as np
 
 from ..errors import QuantizationError
 
-__all__ = ["Format", "get_format", "format_for", "FORMATS", "NF4_VALUES", "FP4_E2M1_VALUES"]
+__all__ = ["Format", "get_format", "format_for", "FORMATS", "NF4_VALUES", "FP4_E2M1_VALUES", "DEFAULTS",
+           "DEFAULT_SELECT"]
+
+from .defaults import DEFAULTS  # noqa: E402  (one table, importable without NumPy extensions)
+
+
+def _default_select():
+    from ..tree import selector
+
+    return selector(DEFAULTS["select"], exclude=DEFAULTS["exclude"], min_ndim=2)
+
+
+DEFAULT_SELECT = _default_select()
+"""The :class:`~weightlab.tree.Selector` of :data:`DEFAULTS`' ``select``/``exclude``, 2-D and up."""
 
 # QLoRA's NormalFloat4 levels (quantiles of N(0,1), normalised to [-1, 1], exact zero).
 NF4_VALUES = np.array([

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .formats import NF4_VALUES, get_format
+from .formats import DEFAULTS, NF4_VALUES, get_format
+from .grid import rows_nearest
 from .qarray import QArray
-from .rtn import _group, _rows_nearest, build, validate_leaf
+from .registry import method
+from .rounding import build, group, validate_leaf
 
 __all__ = ["quantize_any4", "kmeans_rows"]
 
@@ -38,13 +40,15 @@ def kmeans_rows(x, k_init, iters: int, weights=None):
     return c
 
 
-def quantize_any4(w, group_size=128, axis=None, *, iters: int = 20, weights=None, scale_dtype=jnp.float16,
-                  lut_dtype=jnp.float16, path: str = "") -> QArray:
-    """Quantize one array to any4 (per-row learned 16-entry table, per-group absmax scale)."""
+@method("any4", formats="any4 (a learned 16-entry table per row)", paper="Elhoushi et al. 2025 (any4)")
+def quantize_any4(w, group_size=DEFAULTS["group_size"], axis=DEFAULTS["axis"], *, iters: int = 20, weights=None,
+                  scale_dtype=DEFAULTS["scale_dtype"], lut_dtype=jnp.float16, path: str = "", stats=None) -> QArray:
+    """Per-row 16-entry table learned by (weighted) k-means after per-group absmax scaling."""
+    del stats
     fmt = get_format("any4")
     axis, g = validate_leaf(path, w, fmt, group_size, axis)
     w = jnp.asarray(w)
-    wg, red = _group(w, axis, g)
+    wg, red = group(w, axis, g)
     stored = jnp.max(jnp.abs(wg), axis=red, keepdims=True).astype(scale_dtype)
     s = stored.astype(jnp.float32)
     x = (wg / jnp.where(s == 0, 1.0, s)).reshape(w.shape)                       # in [-1, 1], array layout
@@ -53,5 +57,5 @@ def quantize_any4(w, group_size=128, axis=None, *, iters: int = 20, weights=None
     tables = kmeans_rows(xr, jnp.asarray(NF4_VALUES), iters, wr)                # rows x 16
     lead = tuple(np.delete(np.array(w.shape), axis))
     lut = jnp.moveaxis(tables.reshape(*lead, 16), -1, axis).astype(lut_dtype)    # shape with axis -> 16
-    codes = _rows_nearest(x, lut.astype(jnp.float32), axis)
+    codes = rows_nearest(x, lut.astype(jnp.float32), axis)
     return build(w, fmt, axis, g, codes, stored, None, lut)

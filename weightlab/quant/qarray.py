@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .. import tree as wtree
+from ..dtypes import true_bytes
+from . import grid
 from .formats import Format
 from .packing import unpack
 
@@ -48,6 +49,8 @@ def scale_values(fmt: Format, scale, tensor_scale=None):
 @jax.tree_util.register_pytree_with_keys_class
 class QArray:
     """A quantized array. ``dequantize()`` returns the float array it stands for."""
+
+    __weightlab_atomic__ = True  # select/partition treat it as one weight leaf (weightlab.tree.is_atomic)
 
     def __init__(self, codes, scale, zero=None, lut=None, tensor_scale=None, pre=None, lr_a=None, lr_b=None, *,
                  shape, dtype, fmt: Format, group_size: int, axis: int):
@@ -81,7 +84,7 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """True bytes of the packed representation (codes + scales + zeros + tables)."""
-        return sum(wtree.true_nbytes(getattr(self, n)) for n in _CHILDREN if getattr(self, n) is not None)
+        return sum(true_bytes(np.shape(c), c.dtype) for c in (getattr(self, n) for n in _CHILDREN) if c is not None)
 
     @property
     def bits_per_weight(self) -> float:
@@ -139,21 +142,6 @@ def is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
-def _code_values(q: QArray, codes):
-    """Codes -> unscaled values (float32), in the array's own layout."""
-    f = q.fmt
-    if f.kind == "int":
-        c = codes.astype(jnp.float32)
-        return c - 2 ** (f.bits - 1) if f.symmetric else c
-    if f.kind == "fp8":
-        return jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), getattr(jnp, f.fp8_dtype)).astype(jnp.float32)
-    if q.lut is not None:  # learned per-row table: lut has the array's shape with the group axis replaced by 2^b
-        table = jnp.moveaxis(q.lut.astype(jnp.float32), q.axis, -1)       # rows..., 2^b
-        idx = jnp.moveaxis(codes.astype(jnp.int32), q.axis, -1)           # rows..., n
-        return jnp.moveaxis(jnp.take_along_axis(table, idx, axis=-1), -1, q.axis)
-    return jnp.asarray(np.asarray(f.lut, np.float32))[codes.astype(jnp.int32)]
-
-
 def _effective(q: QArray, base):
     """Apply the input transform and low-rank correction (see the module docstring)."""
     if q.pre is None and q.lr_a is None:
@@ -169,13 +157,12 @@ def _effective(q: QArray, base):
 
 def _dequantize(q: QArray):
     codes = unpack(q.codes, q.fmt.bits, q.shape[q.axis], q.axis)
-    v = _code_values(q, codes)
+    v = grid.values(codes, q.fmt, q.lut, q.axis)
     s = scale_values(q.fmt, q.scale, q.tensor_scale)
     if q.group_size == 0:  # per tensor
         z = q.zero.astype(jnp.float32) if q.zero is not None else 0.0
         return (v - z) * s
-    g = grouped_shape(q.shape, q.axis, q.group_size)
-    v = v.reshape(g)
+    v = v.reshape(grouped_shape(q.shape, q.axis, q.group_size))
     if q.zero is not None:
         v = v - q.zero.astype(jnp.float32)
     return (v * s).reshape(q.shape)

@@ -7,26 +7,26 @@ import jax.numpy as jnp
 
 def run(ctx) -> None:
     from ..eval import evaluate
-    from . import dequantize, quantize
-    from .gptq import gptq
+    from ..quant import dequantize, quantize
 
     m = ctx.models[0]
     d = ctx.data
     x_te, y_te = d["x_test"], d["y_test"]
     calib = [jnp.asarray(d["x"][i:i + 256]) for i in range(0, 1024, 256)]
     g = 20  # divides the MLP's 40 inputs and 100 hidden units
+    gptq = lambda bits: quantize(m.params, "gptq", apply_fn=m.model.apply_fn, batches=calib, bits=bits, group_size=g)
     variants = [
         ("fp32", None),
-        ("RTN int8 per-channel", lambda: quantize(m.params, "rtn", bits=8, group_size=None)),
+        ("RTN int8 per-channel", lambda: quantize(m.params, "rtn", fmt="int", bits=8, group_size=None)),
         ("RTN int4 g20", lambda: quantize(m.params, "rtn", fmt="uint", bits=4, group_size=g)),
         ("NF4 g20", lambda: quantize(m.params, "rtn", fmt="nf4", group_size=g)),
         ("HQQ int4 g20", lambda: quantize(m.params, "hqq", bits=4, group_size=g)),
-        ("GPTQ int4 g20", lambda: gptq(m.model.apply_fn, m.params, calib, bits=4, group_size=g)),
+        ("GPTQ int4 g20", lambda: gptq(4)),
         ("RTN int3 g20", lambda: quantize(m.params, "rtn", fmt="uint", bits=3, group_size=g)),
         ("HQQ int3 g20", lambda: quantize(m.params, "hqq", bits=3, group_size=g)),
-        ("GPTQ int3 g20", lambda: gptq(m.model.apply_fn, m.params, calib, bits=3, group_size=g)),
+        ("GPTQ int3 g20", lambda: gptq(3)),
         ("RTN int2 g20", lambda: quantize(m.params, "rtn", fmt="uint", bits=2, group_size=g)),
-        ("GPTQ int2 g20", lambda: gptq(m.model.apply_fn, m.params, calib, bits=2, group_size=g)),
+        ("GPTQ int2 g20", lambda: gptq(2)),
     ]
     from .. import tree
 

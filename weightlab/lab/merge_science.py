@@ -113,13 +113,14 @@ def compare(f, base, fine, tasks, x_unlabeled, val, test, *, quick: bool = False
     }
     fixed = {
         "OPCM (alpha 0.5, continual)": lambda: merge.opcm(base, fine, alpha=0.5),
-        "Fisher merging": lambda: merge.fisher_merge(fine, [merge.diagonal_fisher(f, p, u) for p, u in zip(fine, unl)]),
-        "RegMean": lambda: merge.regmean(f, fine, unl),
+        "Fisher merging": lambda: merge.fisher_merge(
+            None, fine, fishers=[merge.diagonal_fisher(f, p, u) for p, u in zip(fine, unl)]),
+        "RegMean": lambda: merge.regmean(None, fine, grams=merge.regmean_grams(f, fine, unl)),
         "AdaMerging layer-wise (unlabeled)": lambda: merge.adamerging(
-            f, base, fine, unl, steps=60 if quick else 150, init=min(0.3, 1.0 / len(fine)),
-            optimizer=optax.adam(1e-2)).params,
+            base, fine, apply_fn=f, unlabeled=unl, steps=60 if quick else 150, init=min(0.3, 1.0 / len(fine)),
+            optimizer=optax.adam(1e-2)),
     }
-    rows = [("base (pretrained)", base, None), ("linear average", merge.linear(fine), None)]
+    rows = [("base (pretrained)", base, None), ("linear average", merge.linear(None, fine), None)]
     for name in methods:
         if name in scaled:
             rows.append((name, *tuned(scaled[name])))

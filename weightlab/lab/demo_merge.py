@@ -1,5 +1,5 @@
 """Demo section: fine-tune the demo MLP on four input-transform tasks of MNIST-1D (signal as is,
-reversed, shifted, time-warped; see :mod:`.science`) and merge the fine-tunes with a cross-section
+reversed, shifted, time-warped; see :mod:`.merge_science`) and merge the fine-tunes with a cross-section
 of methods. lambda for the scaled methods is picked on 500 training examples (the demo model saw
 them in training; ``scripts/merge_science.py`` holds them out)."""
 
@@ -12,7 +12,7 @@ METHODS = ("task arithmetic", "TIES (density 0.2, global)", "TSV-M", "Iso-C", "F
 
 
 def run(ctx) -> None:
-    from .science import TASKS, compare, fine_tune
+    from .merge_science import TASKS, compare, fine_tune
 
     base = ctx.models[0]
     f = base.model.apply_fn

@@ -17,38 +17,19 @@ with a subsample of tokens; we use the full Gram matrix.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Iterable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
 from ..errors import QuantizationError
-from .formats import get_format
+from . import grid
+from .formats import DEFAULTS, format_for
+from .second_order import input_axis
 from .qarray import QArray
-from .rtn import _group, build, encode, validate_leaf
+from .registry import method
+from .rounding import build, group, validate_leaf
 
-__all__ = ["awq_quantize", "awq"]
-
-
-def _fake(wg, red, fmt, ratio):
-    """Dequantized grouped weights with the group range shrunk by ``ratio`` (broadcastable)."""
-    if fmt.symmetric:
-        amax = jnp.max(jnp.abs(wg), axis=red, keepdims=True) * ratio
-        s = amax / fmt.qmax
-        s = jnp.where(s == 0, 1.0, s)
-        h = 2 ** (fmt.bits - 1)
-        c = jnp.clip(jnp.round(wg / s), -h, h - 1)
-        return c * s, s, None
-    lo = jnp.minimum(jnp.min(wg, axis=red, keepdims=True), 0.0) * ratio
-    hi = jnp.maximum(jnp.max(wg, axis=red, keepdims=True), 0.0) * ratio
-    s = (hi - lo) / (2 ** fmt.bits - 1)
-    s = jnp.where(s == 0, 1.0, s)
-    z = jnp.clip(jnp.round(-lo / s), 0, 2 ** fmt.bits - 1)
-    c = jnp.clip(jnp.round(wg / s) + z, 0, 2 ** fmt.bits - 1)
-    return (c - z) * s, s, z
+__all__ = ["awq_quantize", "awq_leaf"]
 
 
 def _out_err(xtx, d):
@@ -56,16 +37,16 @@ def _out_err(xtx, d):
     return jnp.sum((xtx @ d) * d)
 
 
-def awq_quantize(w, xtx, abs_mean, *, fmt="uint", bits: int = 4, group_size=128, n_grid: int = 20,
-                 clip: bool = True, max_shrink: float = 0.5, axis: int = -2, scale_dtype=jnp.float16,
-                 path: str = "") -> QArray:
+def awq_quantize(w, xtx, abs_mean, *, fmt=DEFAULTS["fmt"], bits: int = DEFAULTS["bits"],
+                 group_size=DEFAULTS["group_size"], n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
+                 axis=DEFAULTS["axis"], scale_dtype=DEFAULTS["scale_dtype"], path: str = "") -> QArray:
     """AWQ-quantize one 2-D weight with its input Gram matrix ``xtx`` (K, K) and mean |x| (K,)."""
-    f = get_format(fmt, bits)
+    f = format_for(fmt, bits)
     if f.kind != "int":
         raise QuantizationError(f"'{path}': AWQ supports int formats, not {f.name}")
     if np.ndim(w) != 2:
         raise QuantizationError(f"'{path}': AWQ needs a 2-D weight, found shape {np.shape(w)}")
-    ax, g = validate_leaf(path, w, f, group_size, axis)
+    ax, g = validate_leaf(path, w, f, group_size, -2 if axis is None else axis)
     wk = jnp.asarray(w, jnp.float32)
     wk = wk if ax == 0 else wk.T
     k, n = wk.shape
@@ -77,8 +58,8 @@ def awq_quantize(w, xtx, abs_mean, *, fmt="uint", bits: int = 4, group_size=128,
     def try_alpha(alpha):
         s = jnp.maximum(x_mean ** alpha, 1e-4)
         s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
-        wg, red = _group(wk * s[:, None], 0, g)
-        deq = _fake(wg, red, f, 1.0)[0].reshape(k, n) / s[:, None]
+        wg, red = group(wk * s[:, None], 0, g)
+        deq = grid.fake(wg, red, f, scale_dtype).reshape(k, n) / s[:, None]
         return _out_err(xtx, wk - deq)
 
     alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
@@ -87,7 +68,7 @@ def awq_quantize(w, xtx, abs_mean, *, fmt="uint", bits: int = 4, group_size=128,
     s = jnp.maximum(x_mean ** alpha, 1e-4)
     s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
     ws = wk * s[:, None]
-    wg, red = _group(ws, 0, g)                       # (K/g, g, N)
+    wg, red = group(ws, 0, g)                        # (K/g, g, N)
     ratio = jnp.ones((k // g, 1, n), jnp.float32)
     if clip:
         xg = xtx.reshape(k // g, g, k // g, g)
@@ -95,16 +76,15 @@ def awq_quantize(w, xtx, abs_mean, *, fmt="uint", bits: int = 4, group_size=128,
                                                                         s.reshape(k // g, g)[:, None, :])
 
         def group_err(r):  # per (group, column) error of the scaled-back weights, diagonal blocks of XᵀX
-            d = wg - _fake(wg, red, f, r)[0]                       # (G, g, N), in the scaled space
+            d = wg - grid.fake(wg, red, f, scale_dtype, r)         # (G, g, N), in the scaled space
             return jnp.einsum("gin,gij,gjn->gn", d, blocks, d)
 
         ratios = 1.0 - jnp.arange(int(max_shrink * n_grid) + 1, dtype=jnp.float32) / n_grid
         errs = jax.lax.map(lambda r: group_err(r), ratios)        # (R, G, N)
         ratio = ratios[jnp.argmin(errs, axis=0)][:, None, :]
-    _, sc, z = _fake(wg, red, f, ratio)
-    stored = sc.astype(scale_dtype)
-    zero = None if f.symmetric else z.astype(scale_dtype)
-    codes = encode(wg, f, stored.astype(jnp.float32), None if zero is None else zero.astype(jnp.float32))
+    gr = grid.fit(wg, red, f, scale_dtype, ratio)
+    stored, zero = gr.stored, gr.zero
+    codes = grid.encode(wg, f, gr.scale, zero)
     pre = (1.0 / s).astype(scale_dtype)
     if ax == 1:
         codes = jnp.swapaxes(codes.reshape(k, n), 0, 1)
@@ -115,25 +95,12 @@ def awq_quantize(w, xtx, abs_mean, *, fmt="uint", bits: int = 4, group_size=128,
     return q.replace(pre=pre)
 
 
-def awq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str | None = r"kernel$",
-        row_mask: Callable | None = None, **kwargs):
-    """AWQ every matmul weight whose path matches ``select_re`` (statistics from one traced
-    calibration pass over ``batches``). Keyword arguments go to :func:`awq_quantize`."""
-    from .calibrate import capture
-
-    rx = re.compile(select_re) if select_re else None
-    flat = wtree.to_flat_dict(params)
-    chosen = [p for p, x in flat.items() if wtree.is_array(x) and np.ndim(x) == 2 and (rx is None or rx.search(p))]
-    if not chosen:
-        raise QuantizationError(f"no 2-D weight matches {select_re!r}")
-    stats = capture(apply_fn, params, batches, select=lambda p: p in set(chosen), row_mask=row_mask)
-    missing = [p for p in chosen if p not in stats]
-    if missing:
-        raise QuantizationError(f"calibration batches never reach '{missing[0]}' as a matmul operand")
-    out = dict(flat)
-    for p in chosen:
-        st = stats[p]
-        kw = dict(kwargs)
-        kw.setdefault("axis", -2 if st.axis == 0 else -1)
-        out[p] = awq_quantize(flat[p], st.xtx / jnp.maximum(st.n, 1), st.abs_mean, path=p, **kw)
-    return wtree.from_flat_dict(out, params, check=False)
+@method("awq", calibrated=True, formats="int2-8 (sym/asym)", params_of=awq_quantize,
+        paper="Lin et al. 2024 (AWQ)")
+def awq_leaf(w, *, path: str = "", stats=None, axis=DEFAULTS["axis"], **hp) -> QArray:
+    """Activation-aware input-channel scaling (kept as the QArray's input transform) and clipping search."""
+    if stats.abs_sum is None:
+        raise QuantizationError(f"'{path}': AWQ needs mean |x| per input channel, which these statistics lack "
+                                "(rotated statistics keep only XᵀX: quantize with AWQ before rotating, or use GPTQ)")
+    return awq_quantize(w, stats.xtx / jnp.maximum(stats.n, 1), stats.abs_mean, axis=input_axis(stats, axis),
+                        path=path, **hp)

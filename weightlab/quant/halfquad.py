@@ -20,9 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .formats import get_format
+from . import grid
+from .formats import DEFAULTS, get_format
 from .qarray import QArray
-from .rtn import _group, _scales, build, validate_leaf
+from .registry import method
+from .rounding import build, group, validate_leaf
 
 __all__ = ["quantize_hqq"]
 
@@ -31,13 +33,17 @@ def _shrink(x, beta, p):
     return jnp.sign(x) * jax.nn.relu(jnp.abs(x) - (1.0 / beta) * jnp.power(jnp.abs(x) + 1e-8, p - 1))
 
 
-def quantize_hqq(w, bits: int = 4, group_size=64, axis=None, *, iters: int = 20, p: float = 0.7, beta: float = 10.0,
-                 kappa: float = 1.01, scale_dtype=jnp.float16, path: str = "") -> QArray:
-    """Quantize one array with HQQ (asymmetric int, float zero point)."""
+@method("hqq", formats="asymmetric int2-8 with a float zero point", paper="Badri & Shaji 2023 (HQQ)")
+def quantize_hqq(w, bits: int = DEFAULTS["bits"], group_size=DEFAULTS["group_size"], axis=DEFAULTS["axis"], *,
+                 iters: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
+                 scale_dtype=DEFAULTS["scale_dtype"], path: str = "", stats=None) -> QArray:
+    """Half-quadratic optimisation of each group's zero point (calibration-free, robust to outliers)."""
+    del stats
     fmt = get_format("int", bits, symmetric=False)
     axis, g = validate_leaf(path, w, fmt, group_size, axis)
-    wg, red = _group(jnp.asarray(w), axis, g)
-    stored, s, z0, _ = _scales(wg, red, fmt, scale_dtype)
+    wg, red = group(w, axis, g)
+    gr = grid.fit(wg, red, fmt, scale_dtype)
+    stored, s, z0 = gr.stored, gr.scale, gr.zero
     s_safe = jnp.where(s == 0, 1.0, s)
     qmax = 2 ** bits - 1
 

@@ -1,7 +1,7 @@
 """``weightlab demo``: the main job.
 
 Trains two MLPs on MNIST-1D from different seeds, then shows what each pillar does to them. Each
-pillar contributes a section through ``weightlab.<pillar>.demo.run(ctx) -> list of (label, value)``;
+pillar contributes a section through ``weightlab.lab.demo_<pillar>.run(ctx)``;
 a pillar that is not there yet is reported as skipped, never as a failure. Prints a compact table
 and writes PNG plots plus ``summary.json`` to the output folder.
 """
@@ -21,10 +21,10 @@ __all__ = ["DemoContext", "run_demo", "PILLARS"]
 
 # (section title, module providing run(ctx)); order = order in the report.
 PILLARS = [
-    ("alignment (weightlab.align)", "weightlab.align.demo"),
-    ("merging (weightlab.merge)", "weightlab.merge.demo"),
-    ("quantization (weightlab.quant)", "weightlab.quant.demo"),
-    ("learned optimizers (weightlab.lopt)", "weightlab.lopt.demo"),
+    ("alignment (weightlab.align)", "weightlab.lab.demo_align"),
+    ("merging (weightlab.merge)", "weightlab.lab.demo_merge"),
+    ("quantization (weightlab.quant)", "weightlab.lab.demo_quant"),
+    ("learned optimizers (weightlab.lopt)", "weightlab.lab.demo_lopt"),
 ]
 
 
@@ -50,7 +50,7 @@ class DemoContext:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from .io import atomic_file
+        from ..io import atomic_file
 
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         draw(ax)
@@ -79,7 +79,7 @@ def _progress(total: int, desc: str):
 
 
 def _train_section(ctx: DemoContext, seeds) -> None:
-    from .models import MNIST1D_MLP, train_mnist1d
+    from ..models import MNIST1D_MLP, train_mnist1d
 
     steps = 1500 if ctx.quick else MNIST1D_MLP["steps"]
     for s in seeds:
@@ -101,7 +101,7 @@ def _train_section(ctx: DemoContext, seeds) -> None:
 
 
 def _checkpoint_section(ctx: DemoContext) -> None:
-    from . import io, tree
+    from .. import io, tree
 
     path = ctx.out / "mlp_seed0.safetensors"
     io.save(path, ctx.models[0].params, metadata={"producer": "weightlab demo", "test_acc": ctx.models[0].test_acc},
@@ -114,7 +114,7 @@ def _checkpoint_section(ctx: DemoContext) -> None:
 
 
 def _naive_merge_section(ctx: DemoContext) -> None:
-    from .eval import interpolation_curve
+    from ..eval import interpolation_curve
 
     a, b = ctx.models[0].params, ctx.models[1].params
     curve = interpolation_curve(ctx.apply_fn, a, b, ctx.data["x_test"], ctx.data["y_test"], 11)
@@ -133,7 +133,7 @@ def _naive_merge_section(ctx: DemoContext) -> None:
 
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds=(0, 1), echo=print) -> DemoContext:
     """Run the demo; returns the context (rows, summary, trained models)."""
-    from .data import load_mnist1d
+    from ..data import load_mnist1d
 
     out = Path(out)
     if (out / "summary.json").exists():
@@ -163,7 +163,7 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds=(0, 1),
         mod.run(ctx)
         ctx.summary["sections"][title] = "ran"
     ctx.summary["seconds"] = time.time() - t0
-    from .io import atomic_file
+    from ..io import atomic_file
 
     with atomic_file(out / "summary.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(ctx.summary, indent=2))

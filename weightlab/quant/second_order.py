@@ -10,8 +10,10 @@ unblocked sweep). Options from the reference implementation: ``act_order`` (rows
 decreasing H_ii) with ``static_groups`` (group scales fixed from the original weights, so inference
 needs no permutation), asymmetric or symmetric int grids, and any fixed-table format (NF4, FP4).
 
-Group scales are computed when the sweep reaches a group's first row, from the weights as updated so
-far. (The reference code reads the not-yet-block-updated copy for groups that start inside a block;
+The grid is :mod:`.grid`'s, shared by every quantizer. Deliberate difference from the reference: its
+symmetric grid (``2 max|w| / (2^b - 1)``) is replaced by weightlab's idempotent one (``max(max(w⁺) /
+(2^(b-1) - 1), max(w⁻) / 2^(b-1))``); the asymmetric grid is the reference's. Group scales are
+computed when the sweep reaches a group's first row, from the weights as updated so far. (The reference code reads the not-yet-block-updated copy for groups that start inside a block;
 we always use the current values, which is what the unblocked algorithm does.)
 
 The sweep is independent per output column given U, so W sharded along outputs on a mesh
@@ -21,21 +23,20 @@ The sweep is independent per output column given U, so W sharded along outputs o
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import tree as wtree
 from ..errors import QuantizationError
-from .formats import Format, format_for
+from . import grid
+from .formats import DEFAULTS, Format, format_for
 from .packing import pack
 from .qarray import QArray
-from .rtn import _scales, encode, validate_leaf
+from .registry import method
+from .rounding import validate_leaf
 
-__all__ = ["gptq_quantize", "gptq", "choose_block"]
+__all__ = ["gptq_quantize", "gptq_leaf", "choose_block"]
 
 
 def choose_block(k: int, g: int, max_block: int = 128) -> int:
@@ -47,18 +48,11 @@ def choose_block(k: int, g: int, max_block: int = 128) -> int:
     return 1  # pragma: no cover
 
 
-def _decode(codes, fmt: Format, s, z):
-    c = codes.astype(jnp.float32)
-    if fmt.kind == "int":
-        return ((c - 2 ** (fmt.bits - 1)) if fmt.symmetric else (c - z)) * s
-    return jnp.asarray(np.asarray(fmt.lut, np.float32))[codes.astype(jnp.int32)] * s
-
-
 def _params(rows, fmt, scale_dtype):
     """(stored scale, float scale, zero or zeros) of a group of rows (g, N) -> each (N,)."""
-    stored, s, z, _ = _scales(rows, (0,), fmt, scale_dtype)
-    z = jnp.zeros_like(s) if z is None else z.astype(jnp.float32)
-    return stored[0], s[0], z[0]
+    gr = grid.fit(rows, (0,), fmt, scale_dtype)
+    z = jnp.zeros_like(gr.scale) if gr.zero is None else gr.zero.astype(jnp.float32)
+    return gr.stored[0], gr.scale[0], z[0]
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "g", "block", "act_order", "static_groups", "scale_dtype"))
@@ -110,8 +104,8 @@ def _sweep(w, h, damp, *, fmt: Format, g: int, block: int, act_order: bool, stat
                 zeros = jax.lax.cond(i % g == 0, lambda z: z.at[i // g].set(params[2].astype(sdt)), lambda z: z, zeros)
             stored, s, z = params
             x = w1[j]
-            q_codes = encode(x[None], fmt, s[None], z[None])[0]
-            q = _decode(q_codes, fmt, s, z)
+            q_codes = grid.encode(x[None], fmt, s[None], z[None])[0]
+            q = grid.decode(q_codes, fmt, s, z)
             err = (x - q) / u1[j, j]
             w1 = w1 - jnp.where(jnp.arange(block) >= j, u1[j], 0.0)[:, None] * err[None, :]
             err1 = err1.at[j].set(err)
@@ -130,21 +124,22 @@ def _sweep(w, h, damp, *, fmt: Format, g: int, block: int, act_order: bool, stat
     return codes[inv], scales, zeros
 
 
-def gptq_quantize(w, hessian, *, fmt="uint", bits: int | None = 4, group_size=128, act_order: bool = False,
-                  static_groups: bool = True, damp: float = 0.01, block_size: int = 128, axis: int = -2,
-                  scale_dtype=jnp.float16, path: str = "") -> QArray:
+def gptq_quantize(w, hessian, *, fmt=DEFAULTS["fmt"], bits: int | None = DEFAULTS["bits"],
+                  group_size=DEFAULTS["group_size"], act_order: bool = False, static_groups: bool = True,
+                  damp: float = 0.01, block_size: int = 128, axis=DEFAULTS["axis"],
+                  scale_dtype=DEFAULTS["scale_dtype"], path: str = "") -> QArray:
     """GPTQ-quantize one 2-D weight given its input Hessian (K x K, K = ``w.shape[axis]``).
 
-    ``axis`` is the input (contracted) axis: -2 for (in, out) kernels, -1 for PyTorch (out, in).
-    Default grid: asymmetric int4, groups of 128 (the paper's "4-bit g128"); ``fmt`` may also be
-    ``"int"`` (symmetric) or a fixed table format (``"nf4"``, ``"fp4_e2m1"``).
+    ``axis`` is the input (contracted) axis: -2 (default) for (in, out) kernels, -1 for PyTorch
+    (out, in). Default grid: asymmetric int4, groups of 128 (the paper's "4-bit g128"); ``fmt`` may
+    also be ``"int"`` (symmetric) or a fixed table format (``"nf4"``, ``"fp4_e2m1"``).
     """
     fmt = format_for(fmt, bits)
     if fmt.kind == "fp8" or fmt.scale_kind != "float" or (fmt.kind == "lut" and fmt.lut is None):
         raise QuantizationError(f"'{path}': GPTQ supports int and fixed-table formats, not {fmt.name}")
     if np.ndim(w) != 2:
         raise QuantizationError(f"'{path}': GPTQ needs a 2-D weight, found shape {np.shape(w)}")
-    ax, g = validate_leaf(path, w, fmt, group_size, axis)
+    ax, g = validate_leaf(path, w, fmt, group_size, -2 if axis is None else axis)
     if g == 0:
         raise QuantizationError(f"'{path}': GPTQ needs per-group or per-channel scales, not per-tensor")
     wk = jnp.asarray(w, jnp.float32)
@@ -164,55 +159,16 @@ def gptq_quantize(w, hessian, *, fmt="uint", bits: int | None = 4, group_size=12
                   group_size=g, axis=ax)
 
 
-def gptq(apply_fn: Callable, params, batches: Iterable[Any], *, select_re: str | None = r"kernel$",
-         sequential: bool = True, row_mask: Callable | None = None, rotate: jax.Array | None = None, **kwargs):
-    """GPTQ every matmul weight of ``apply_fn`` whose path matches ``select_re``.
+def input_axis(stats, axis):
+    """The input axis of a weight for :func:`gptq_quantize`: ``axis`` if given, else the axis the
+    calibration capture saw contracted (-2 for (in, out) kernels, -1 for (out, in) weights)."""
+    if axis is not None:
+        return axis
+    return -2 if stats.axis == 0 else -1
 
-    Calibration statistics come from :mod:`.calibrate` (traced, any JAX function). With
-    ``sequential`` (the paper's default) each weight's Hessian is measured with all earlier weights
-    already quantized, in execution order. Keyword arguments go to :func:`gptq_quantize`. With a
-    ``rotate`` key every weight is first rotated by a random Hadamard matrix over its inputs (QuIP /
-    QuaRot incoherence, kept as the QArray's online input rotation; key folded per path).
-    A selected weight that the calibration batches never reach raises before anything is quantized.
-    """
-    from .calibrate import Capturer, matmul_weights
 
-    batches = list(batches)
-    if not batches:
-        raise QuantizationError("gptq() needs calibration batches")
-    rx = re.compile(select_re) if select_re else None
-    flat = wtree.to_flat_dict(params)
-    chosen = [p for p, x in flat.items() if wtree.is_array(x) and np.ndim(x) == 2 and (rx is None or rx.search(p))]
-    order = matmul_weights(apply_fn, params, batches[0])
-    missing = [p for p in chosen if p not in order]
-    if missing:
-        raise QuantizationError(f"calibration batches never reach '{missing[0]}' as a matmul operand "
-                                f"({len(missing)} selected weights unreached); select fewer weights")
-    if not chosen:
-        raise QuantizationError(f"no 2-D weight matches {select_re!r}")
-    from . import check_quantizable
-
-    for p in chosen:  # validate every layer before doing any work (traced on shapes, see check_quantizable)
-        k = np.shape(flat[p])[kwargs.get("axis", -2)]  # jnp.eye below is traced abstractly: no K x K buffer
-        check_quantizable(p, flat[p], lambda w, p=p, k=k: gptq_quantize(w, jnp.eye(k), path=p, **kwargs))
-    targets = [p for p in order if p in set(chosen)]
-    cap = Capturer(apply_fn, params, batches[0], select=lambda p: p in set(targets), row_mask=row_mask)
-    current = dict(flat)
-    stats = None if sequential else cap(params, batches)
-    out = dict(flat)
-    for p in targets:
-        if sequential:
-            stats = cap(wtree.from_flat_dict(current, params), batches)
-        st = stats[p]
-        kw = dict(kwargs)
-        kw.setdefault("axis", -2 if st.axis == 0 else -1)
-        if rotate is not None:
-            from .rotate import rotate_quantize
-
-            q = rotate_quantize(flat[p], wtree.leaf_key(rotate, p, "rotate"), gptq_quantize, hessian=st.hessian,
-                                path=p, **kw)
-        else:
-            q = gptq_quantize(flat[p], st.hessian, path=p, **kw)
-        out[p] = q
-        current[p] = q.dequantize()
-    return wtree.from_flat_dict(out, params, check=False)
+@method("gptq", calibrated=True, formats="int2-8 (sym/asym), nf4, fp4_e2m1", params_of=gptq_quantize,
+        paper="Frantar et al. 2023 (GPTQ)")
+def gptq_leaf(w, *, path: str = "", stats=None, axis=DEFAULTS["axis"], **hp) -> QArray:
+    """GPTQ one weight from its calibration statistics (H = 2 XᵀX / n)."""
+    return gptq_quantize(w, stats.hessian, axis=input_axis(stats, axis), path=path, **hp)
