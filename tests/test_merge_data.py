@@ -15,7 +15,7 @@ def test_regmean_is_the_least_squares_solution():
     ws = [rng.standard_normal((6, 4)).astype(np.float32) for _ in xs]
     models = [{"l": {"kernel": w, "bias": np.full(4, i, np.float32)}} for i, w in enumerate(ws)]
     grams = [{"l/kernel": x.T @ x} for x in xs]
-    out = merge.regmean_from_grams(models, grams, alpha=1.0)
+    out = merge.regmean(None, models, grams=grams, alpha=1.0)
     # closed form: argmin_W sum_i ||X_i W - X_i W_i||^2  (stack the problems, solve with lstsq)
     X = np.concatenate(xs)
     Y = np.concatenate([x @ w for x, w in zip(xs, ws)])
@@ -23,18 +23,19 @@ def test_regmean_is_the_least_squares_solution():
     np.testing.assert_allclose(out["l"]["kernel"], ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["l"]["bias"], 0.5)  # non-matmul leaves are averaged
     # alpha = 0 keeps only the diagonals: a per-input-row weighted average
-    d = merge.regmean_from_grams(models, grams, alpha=0.0)["l"]["kernel"]
+    d = merge.regmean(None, models, grams=grams, alpha=0.0)["l"]["kernel"]
     g = [np.diag(x.T @ x) for x in xs]
     np.testing.assert_allclose(d, (g[0][:, None] * ws[0] + g[1][:, None] * ws[1]) / (g[0] + g[1])[:, None], rtol=1e-4)
     with pytest.raises(MergeError, match="alpha"):
-        merge.regmean_from_grams(models, grams, alpha=1.5)
+        merge.regmean(None, models, grams=grams, alpha=1.5)
 
 
 def test_regmean_model_level_uses_traced_grams():
     from weightlab.models import mlp
     m = [mlp(jax.random.key(i), hidden=(8,)) for i in range(2)]
     data = [[jax.random.normal(jax.random.key(10 + i), (64, 40))] for i in range(2)]
-    out = merge.regmean(m[0].apply_fn, [x.params for x in m], data, alpha=1.0)
+    params = [x.params for x in m]
+    out = merge.regmean(None, params, grams=merge.regmean_grams(m[0].apply_fn, params, data), alpha=1.0)
     x0, x1 = (np.asarray(d[0], np.float64) for d in data)
     w0, w1 = (np.asarray(x.params["dense_0"]["kernel"], np.float64) for x in m)
     g0, g1 = x0.T @ x0, x1.T @ x1
@@ -46,9 +47,9 @@ def test_fisher_merge_closed_form_and_identity():
     a = {"w": jnp.array([1.0, 2.0, 3.0])}
     b = {"w": jnp.array([3.0, 2.0, 0.0])}
     fa, fb = {"w": jnp.array([1.0, 0.0, 3.0])}, {"w": jnp.array([1.0, 1.0, 1.0])}
-    out = merge.fisher_merge([a, b], [fa, fb], eps=0.0)
+    out = merge.fisher_merge(None, [a, b], fishers=[fa, fb], eps=0.0)
     np.testing.assert_allclose(out["w"], [2.0, 2.0, 9.0 / 4.0])
-    same = merge.fisher_merge([a, a], [fa, fb])
+    same = merge.fisher_merge(None, [a, a], fishers=[fa, fb])
     np.testing.assert_allclose(same["w"], a["w"], rtol=1e-6)
 
 
@@ -84,7 +85,8 @@ def test_adamerging_learns_coefficients_and_lowers_entropy():
                 optimizer=optax.adam(1e-3)).params for i, m in enumerate(halves)]
     unl = [[d["x_test"][(d["y_test"] < 5) if i == 0 else (d["y_test"] >= 5)][:200]] for i in range(2)]
     for gran in ("task", "layer"):
-        r = merge.adamerging(f, run.params, fine, unl, granularity=gran, steps=40, optimizer=optax.adam(1e-2))
+        r = merge.adamerging_fit(run.params, fine, apply_fn=f, unlabeled=unl, granularity=gran, steps=40,
+                                 optimizer=optax.adam(1e-2))
         assert float(r.losses[-1]) < float(r.losses[0])  # entropy goes down
         leaves = [r.coefficients] if gran == "task" else jax.tree.leaves(r.coefficients)
         assert all(float(c.min()) >= 0 and float(c.max()) <= 1 for c in leaves)
@@ -95,4 +97,23 @@ def test_adamerging_learns_coefficients_and_lowers_entropy():
                                merge.task_arithmetic(run.params, fine, weight=0.5)["head"]["kernel"], rtol=1e-5,
                                atol=1e-6)
     with pytest.raises(MergeError, match="granularity"):
-        merge.adamerging(f, run.params, fine, unl, granularity="block")
+        merge.adamerging(run.params, fine, apply_fn=f, unlabeled=unl, granularity="block")
+
+
+def test_data_driven_methods_as_transforms_under_select():
+    """Fisher merging as a transform: ``models=`` and ``fishers=`` are extras; under select both are
+    masked to the selected leaves, and the result equals the plain function on those leaves."""
+    import weightlab as wl
+
+    rng = np.random.default_rng(3)
+    mk = lambda: {"a": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},
+                  "b": {"kernel": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)}}
+    ms, fs = [mk(), mk()], [jax.tree.map(jnp.abs, mk()), jax.tree.map(jnp.abs, mk())]
+    base = mk()
+    t = wl.select("^a/", merge.transform("fisher_merge"))
+    out = wl.apply_once(t, base, models=ms, fishers=fs)
+    want = merge.fisher_merge(None, ms, fishers=fs)
+    np.testing.assert_allclose(out["a"]["kernel"], want["a"]["kernel"], rtol=1e-6)
+    assert out["b"]["kernel"] is base["b"]["kernel"]
+    with pytest.raises(MergeError, match="needs the parameter 'fishers'"):
+        wl.apply_once(t, base, models=ms)

@@ -76,7 +76,11 @@ def test_lora_errors():
 
 
 def test_merges_accept_quantized_inputs():
-    """QArray leaves are merged as their dequantized values (the same as dequantizing first)."""
+    """QArray leaves are merged as their dequantized values (the same as dequantizing first), through
+    the one shared input path: ``merge.ties`` is the registered function itself."""
+    from weightlab.merge import methods
+
+    assert merge.ties is methods.ties and merge.METHODS["ties"].fn is merge.ties
     rng = np.random.default_rng(3)
     base = {"l": {"kernel": rng.standard_normal((64, 32)).astype(np.float32), "bias": np.zeros(32, np.float32)}}
     ms = [jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), base) for _ in range(2)]
@@ -87,9 +91,9 @@ def test_merges_accept_quantized_inputs():
                lambda b, m: merge.task_arithmetic(b, m, lambda_=0.5)):
         got, want = fn(base, qms), fn(base, deq)
         np.testing.assert_allclose(got["l"]["kernel"], want["l"]["kernel"], atol=1e-6)
-    np.testing.assert_allclose(merge.linear(qms)["l"]["kernel"], merge.linear(deq)["l"]["kernel"], atol=1e-6)
+    np.testing.assert_allclose(merge.linear(None, qms)["l"]["kernel"], merge.linear(None, deq)["l"]["kernel"], atol=1e-6)
     # the 8-bit inputs stay close to the float merge
-    np.testing.assert_allclose(merge.linear(qms)["l"]["kernel"], merge.linear(ms)["l"]["kernel"], atol=0.05)
+    np.testing.assert_allclose(merge.linear(None, qms)["l"]["kernel"], merge.linear(None, ms)["l"]["kernel"], atol=0.05)
 
 
 def test_extract_lora_checkpoint_cli_writes_a_peft_adapter(tmp_path, capsys):

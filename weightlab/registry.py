@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import RegistryError
@@ -40,9 +41,11 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        """First line of the docstring."""
-        doc = inspect.getdoc(self.info.get("doc_of", self.fn)) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The first sentence of the docstring (its first paragraph, on one line)."""
+        doc = (inspect.getdoc(self.info.get("doc_of", self.fn)) or "").strip()
+        para = " ".join(doc.split("\n\n")[0].split())
+        m = re.search(r"(?<=[.!?])\s(?=[A-Z(])", para)
+        return para[:m.start()] if m else para
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -113,6 +116,6 @@ class Registry:
         test checks that the committed tables equal it)."""
         head = "| " + " | ".join(c for c, _ in columns) + " |"
         rule = "|" + "|".join("---" for _ in columns) + "|"
-        rows = ["| " + " | ".join(str(f(e)).replace("|", "/") for _, f in columns) + " |"
+        rows = ["| " + " | ".join(str(f(e)).replace("|", "\\|") for _, f in columns) + " |"
                 for e in self.entries(**where)]
         return "\n".join([head, rule, *rows])

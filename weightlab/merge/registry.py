@@ -204,3 +204,20 @@ def _models(name, extras):
     if extras.get("models") is None:
         raise MissingExtraError(f"merge transform {name!r} needs apply(params, state, models=[...] or a stacked tree)")
     return extras["models"]
+
+
+def markdown_table() -> str:
+    """The README/docs table of every merge method (generated; a test checks the committed copies)."""
+    def models(e):
+        lo, hi = e.count
+        n = str(lo) if hi == lo else (f"{lo}+" if hi is None else f"{lo}-{hi}")
+        return {"required": f"base + {n}", "optional": f"{n} (+ optional base)", "unused": n}[e.base]
+
+    return METHODS.table([
+        ("method", lambda e: f"`{e.name}`"),
+        ("what it does", lambda e: e.summary),
+        ("models", models),
+        ("YAML / streamed", lambda e: "yes" if e.stream else "Python only"),
+        ("mergekit name", lambda e: "yes" if e.mergekit else "—"),
+        ("reference", lambda e: e.paper),
+    ])

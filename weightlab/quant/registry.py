@@ -40,7 +40,7 @@ def method(name: str, *, formats: str, paper: str, calibrated: bool = False, par
     def deco(fn):
         info = dict(formats=formats, paper=paper, calibrated=calibrated, implicit=_IMPLICIT)
         if params_of is not None:
-            info["params_of"] = info["doc_of"] = params_of
+            info["params_of"] = params_of
         return METHODS.register(name, **info)(fn)
 
     return deco
@@ -115,3 +115,14 @@ def factory(name: str) -> Callable[..., WeightTransform]:
                     f"{', '.join(entry.parameters)}). Paper: {entry.paper}.")
     return make
 
+
+
+def markdown_table() -> str:
+    """The README/docs table of every quantization method (generated; a test checks the committed copies)."""
+    return METHODS.table([
+        ("method", lambda e: f"`quant.{e.name}`"),
+        ("what it does", lambda e: e.summary),
+        ("formats", lambda e: e.formats),
+        ("needs", lambda e: "`stats=` (calibration)" if e.calibrated else "nothing (data-free)"),
+        ("reference", lambda e: e.paper),
+    ])

@@ -86,7 +86,7 @@ def build(w, fmt: Format, axis: int, g: int, codes_grouped, stored_scale, zero=N
 def quantize_rtn(w, fmt=DEFAULTS["fmt"], bits: int | None = DEFAULTS["bits"], group_size=DEFAULTS["group_size"],
                  axis=DEFAULTS["axis"], *, scale_dtype=DEFAULTS["scale_dtype"], symmetric: bool | None = None,
                  path: str = "", stats=None) -> QArray:
-    """Round-to-nearest onto the format's grid (:mod:`.grid`), one scale per group."""
+    """Round-to-nearest onto the format's grid, one scale (and zero) per group (grid: :mod:`.grid`)."""
     del stats
     fmt = format_for(fmt, bits, symmetric)
     if fmt.lut is None and fmt.kind == "lut":
