@@ -54,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="512,1024")
     args = ap.parse_args()
-    from weightlab.quant.gptq import gptq_quantize
+    from weightlab.quant.second_order import gptq_quantize
 
     qq, gptq_core = import_qwix()
     for k in (int(s) for s in args.sizes.split(",")):

@@ -58,22 +58,20 @@ def main():
 
     for bits in (4, 3):
         g = 128
+        cal = dict(select=SELECT, apply_fn=m.apply_fn, batches=batches, row_mask=mask)
         configs = {
-            "rtn_sym": lambda: quant.quantize(m.params, "rtn", select_re=SELECT, fmt="int", bits=bits, group_size=g),
-            "rtn_asym": lambda: quant.quantize(m.params, "rtn", select_re=SELECT, fmt="uint", bits=bits, group_size=g),
-            "hqq": lambda: quant.quantize(m.params, "hqq", select_re=SELECT, bits=bits, group_size=g),
-            "awq": lambda: quant.awq(m.apply_fn, m.params, batches, select_re=SELECT, row_mask=mask, bits=bits,
-                                     group_size=g),
-            "gptq": lambda: quant.gptq(m.apply_fn, m.params, batches, select_re=SELECT, row_mask=mask, bits=bits,
-                                       group_size=g),
-            "gptq_act_order": lambda: quant.gptq(m.apply_fn, m.params, batches, select_re=SELECT, row_mask=mask,
-                                                 bits=bits, group_size=g, act_order=True),
-            "gptq_rotated": lambda: quant.gptq(m.apply_fn, m.params, batches, select_re=SELECT, row_mask=mask,
-                                               bits=bits, group_size=g, rotate=key),
+            "rtn_sym": lambda: quant.quantize(m.params, "rtn", select=SELECT, fmt="int", bits=bits, group_size=g),
+            "rtn_asym": lambda: quant.quantize(m.params, "rtn", select=SELECT, fmt="uint", bits=bits, group_size=g),
+            "hqq": lambda: quant.quantize(m.params, "hqq", select=SELECT, bits=bits, group_size=g),
+            "awq": lambda: quant.quantize(m.params, "awq", sequential=False, bits=bits, group_size=g, **cal),
+            "gptq": lambda: quant.quantize(m.params, "gptq", bits=bits, group_size=g, **cal),
+            "gptq_act_order": lambda: quant.quantize(m.params, "gptq", bits=bits, group_size=g, act_order=True, **cal),
+            "gptq_rotated": lambda: quant.quantize(m.params, quant.rotate(quant.gptq(bits=bits, group_size=g)), key=key,
+                                                   **cal),
         }
         if bits == 4:
-            configs["nf4"] = lambda: quant.quantize(m.params, "rtn", select_re=SELECT, fmt="nf4", group_size=g)
-            configs["any4"] = lambda: quant.quantize(m.params, "any4", select_re=SELECT, group_size=g)
+            configs["nf4"] = lambda: quant.quantize(m.params, "rtn", select=SELECT, fmt="nf4", group_size=g)
+            configs["any4"] = lambda: quant.quantize(m.params, "any4", select=SELECT, group_size=g)
         for name, make in configs.items():
             t = time.time()
             q = make()

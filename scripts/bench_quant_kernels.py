@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from weightlab import quant
-from weightlab.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference, prepare
+from weightlab.kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference
+from weightlab.quant.matmul import prepare
 
 
 def timeit(f, *args, iters=50):

@@ -199,3 +199,74 @@ def test_projected_step_as_chain_under_jit():
         p, s = step(p, s, g)
     assert float(p["head"]["kernel"].max()) <= 1.0
     assert float(p["head"]["bias"].min()) == pytest.approx(2.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------ extras masked like the params
+
+def test_select_masks_grads_like_optax_multi_transform():
+    """select(sel, from_optax(adam)) with grads= is optax.multi_transform(adam on sel, zero elsewhere)."""
+    p = params()
+    g = jax.tree.map(lambda x: jnp.cos(x) + 0.2, p)
+    t = wl.select("kernel$", wl.from_optax(optax.adam(0.1)))
+    s = t.init(p)
+    for _ in range(3):
+        q, s = t.apply(p if _ == 0 else q, s, grads=g)
+    labels = wt.map_with_path(lambda path, x: "k" if path.endswith("kernel") else "o", p)
+    ref_opt = optax.multi_transform({"k": optax.adam(0.1), "o": optax.set_to_zero()}, labels)
+    rs, ref = ref_opt.init(p), p
+    for _ in range(3):
+        u, rs = ref_opt.update(g, rs, ref)
+        ref = optax.apply_updates(ref, u)
+    assert_trees_equal(q, ref)
+    assert q["head"]["bias"] is p["head"]["bias"]
+
+
+def test_partition_masks_every_extra_per_group():
+    p = params()
+    g = jax.tree.map(jnp.ones_like, p)
+    seen = {}
+
+    def spy(name):
+        def record(ps, grads=None, **kw):
+            seen[name] = wt.paths(grads)  # hidden leaves are MaskedNode: no paths
+            return ps
+        return wl.stateless(record)
+
+    t = wl.partition({"kernel$": wl.chain(spy("k"), wl.from_optax(optax.sgd(1.0))), "bias$": spy("b")})
+    out = wl.apply_once(t, p, grads=g)
+    assert seen["k"] == [x for x in wt.paths(p) if x.endswith("kernel")]
+    assert seen["b"] == [x for x in wt.paths(p) if x.endswith("bias")]
+    np.testing.assert_allclose(out["head"]["kernel"], p["head"]["kernel"] - 1.0)
+    assert out["head"]["bias"] is p["head"]["bias"]
+
+
+def test_bad_extras_and_partitions_are_typed_errors_before_work():
+    from weightlab.errors import SelectorError, StructureMismatchError
+    p = params()
+    calls = []
+    spy = wl.per_leaf(lambda x, path, key: calls.append(path) or x)
+    g = jax.tree.map(jnp.ones_like, p)
+    del g["head"]["bias"]
+    with pytest.raises(StructureMismatchError, match="head/bias.*missing from grads="):
+        wl.apply_once(wl.select("kernel$", wl.chain(spy, wl.from_optax(optax.sgd(0.1)))), p, grads=g)
+    assert calls == []
+    with pytest.raises(NoMatchError, match="qeury"):
+        wl.apply_once(wl.partition({"kernel$": spy, "qeury": spy}, default=wl.identity()), p)
+    assert calls == []
+    with pytest.raises(SelectorError, match="not a valid regular expression"):
+        wl.select("attn/(query", spy)
+    with pytest.raises(SelectorError, match="a selector is"):
+        wl.select(42, spy)
+
+
+def test_one_selector_type():
+    p = params()
+    sel = wt.selector("kernel$", exclude="^head", min_ndim=2)
+    assert sel.paths(p) == ["encoder/layer_0/attn/query/kernel", "encoder/layer_0/mlp/kernel"]
+    assert (wt.selector("bias$") | "head/kernel").paths(p) == ["encoder/layer_0/attn/query/bias", "head/bias",
+                                                                 "head/kernel"]
+    assert (~wt.selector("encoder")).paths(p) == ["head/bias", "head/kernel"]
+    assert wt.selector(lambda path: "mlp" in path).paths(p) == ["encoder/layer_0/mlp/kernel"]  # fn(path)
+    assert wt.selector(lambda path, x: x.ndim == 1).paths(p) == ["encoder/layer_0/attn/query/bias", "head/bias"]
+    out = run(wl.select(sel, scale(0.0)), p)
+    assert float(jnp.abs(out["head"]["kernel"]).sum()) > 0 and float(jnp.abs(out["encoder"]["layer_0"]["mlp"]["kernel"]).sum()) == 0

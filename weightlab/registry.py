@@ -96,17 +96,25 @@ class Registry:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        self._load()
-        return iter(list(self._entries))
+        return iter(self.names())
 
     def __len__(self) -> int:
         self._load()
         return len(self._entries)
 
+    def _rank(self, e: Entry):
+        """Order of the listing: the ``modules`` order, then source order (not import order, which
+        depends on what the caller imported first)."""
+        fn = inspect.unwrap(e.fn)
+        mod = getattr(fn, "__module__", "")
+        line = getattr(getattr(fn, "__code__", None), "co_firstlineno", 0)
+        return (self.modules.index(mod) if mod in self.modules else len(self.modules), mod, line)
+
     def names(self, **where) -> list[str]:
-        """Registered names, in registration order, optionally filtered on info fields."""
+        """Registered names in a stable order (module list, then source), optionally filtered on info."""
         self._load()
-        return [n for n, e in self._entries.items() if all(e.info.get(k) == v for k, v in where.items())]
+        es = sorted(self._entries.values(), key=self._rank)
+        return [e.name for e in es if all(e.info.get(k) == v for k, v in where.items())]
 
     def entries(self, **where) -> list[Entry]:
         return [self._entries[n] for n in self.names(**where)]
