@@ -270,3 +270,17 @@ def test_one_selector_type():
     assert wt.selector(lambda path, x: x.ndim == 1).paths(p) == ["encoder/layer_0/attn/query/bias", "head/bias"]
     out = run(wl.select(sel, scale(0.0)), p)
     assert float(jnp.abs(out["head"]["kernel"]).sum()) > 0 and float(jnp.abs(out["encoder"]["layer_0"]["mlp"]["kernel"]).sum()) == 0
+
+
+def test_review_cases_equinox_grads_list_layers_and_defaulted_predicates():
+    import equinox as eqx
+    m = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    gr = eqx.filter_grad(lambda m, x: jnp.sum(m(x)))(m, jnp.ones(3))  # None where the module has a function
+    t = wl.select("layers/0/weight", wl.from_optax(optax.sgd(1.0)))
+    out, _ = t.apply(m, t.init(m), grads=gr)
+    np.testing.assert_allclose(out.layers[0].weight, m.layers[0].weight - gr.layers[0].weight)
+    assert out.layers[1].weight is m.layers[1].weight
+    layers = [(jnp.ones((4, 4)).at[0, 0].set(jnp.nan), jnp.zeros(4)), (jnp.ones((4, 4)), jnp.zeros(4))]
+    assert wt.nonfinite(layers) == ["0/0"]  # a list of (W, b) is a tree, not (path, leaf) pairs
+    sel = wt.selector(lambda path, leaf=None: leaf is not None and leaf.ndim == 2)
+    assert sel.paths({"k": jnp.ones((2, 2)), "b": jnp.ones(2)}) == ["k"]

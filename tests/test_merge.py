@@ -330,3 +330,16 @@ def test_bad_input_typed_errors():
         merge.linear(base, ms)
     with pytest.raises(MergeError, match="sum to zero"):
         merge.linear(None, ms[:2], weight=[1.0, -1.0])
+
+
+def test_review_cases_list_rooted_stacks_and_whole_model_methods():
+    import weightlab as wl
+    w = lambda v: [(jnp.full((2, 2), v), jnp.full(2, v)), (jnp.full((2, 2), v), jnp.full(2, v))]
+    b, a, c = w(0.0), w(1.0), w(3.0)
+    want = merge.task_arithmetic(b, [a, c])
+    close(merge.task_arithmetic(b, tree.stack([a, c])), jax.tree.map(np.asarray, want), tol=0)  # list-rooted stack
+    assert float(want[0][0][0, 0]) == 4.0
+    t = wl.select("kernel", merge.transform("adamerging", apply_fn=lambda p, x: x, steps=1))
+    p = {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}
+    with pytest.raises(MergeError, match="whole model"):
+        wl.apply_once(t, p, models=[p, p], unlabeled=[[jnp.ones((1, 2))]] * 2)

@@ -383,7 +383,7 @@ def test_quantize_plain_face_sequential_equals_layer_by_layer():
     cur = m.params
     for p in ["dense_0/kernel", "dense_1/kernel", "head/kernel"]:
         st = quant.capture(m.apply_fn, quant.dequantize(cur), [x])
-        cur = wl.apply_once(wl.select(lambda path, p=p: path == p, quant.gptq(bits=4, group_size=8)), cur, stats=st)
+        cur = wl.apply_once(wl.select(f"^{p}$", quant.gptq(bits=4, group_size=8)), cur, stats=st)
     for p in ["dense_0", "dense_1", "head"]:
         np.testing.assert_array_equal(np.asarray(seq[p]["kernel"].codes), np.asarray(cur[p]["kernel"].codes))
     with pytest.raises(MissingExtraError, match="apply_fn= and batches="):
@@ -419,3 +419,22 @@ def test_qat_projection_through_optax_stays_stable():
     assert np.isfinite(losses).all() and max(losses[50:]) < losses[0] and losses[-1] < 0.8 * losses[0]
     k = params["dense_0"]["kernel"]  # the weights sit on the grid (up to the add's rounding)
     np.testing.assert_allclose(np.asarray(quant.fake_quant(k, "int", 4, 8)), np.asarray(k), atol=1e-6)
+
+
+def test_calibrated_recipes_validate_before_calibrating_and_partitions_run_sequentially():
+    m = _mlp()
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((64, 40)), jnp.float32)
+    t = wl.partition({"dense_0/kernel": quant.gptq(bits=4, group_size=8), "dense_1/kernel": quant.rtn(bits=8, group_size=8)},
+                     default=wl.identity())
+    q = quant.quantize(m.params, t, apply_fn=m.apply_fn, batches=[x], select="kernel$")  # sequential by default
+    assert q["dense_0"]["kernel"].fmt.bits == 4 and q["dense_1"]["kernel"].fmt.bits == 8
+    assert not quant.is_qarray(q["head"]["kernel"])
+    runs = []
+
+    def counting_apply(p, b):
+        runs.append(1)
+        return m.apply_fn(p, b)
+
+    with pytest.raises(QuantizationError, match="group size 48 does not divide"):
+        quant.quantize(m.params, "gptq", apply_fn=counting_apply, batches=[x, x, x], group_size=48, select="kernel$")
+    assert len(runs) <= 2  # traced for the op order and the abstract statistics, never run over the batches

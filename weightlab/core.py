@@ -150,15 +150,25 @@ def _hide(view: _View, keep) -> Any:
     return view.treedef.unflatten([x if k else MaskedNode() for x, k in zip(view.leaves, keep)])
 
 
+def _weight_paths(tree) -> list[str]:
+    """Paths of the weight leaves (arrays, atomic nodes) of a tree; ``None``/functions do not count."""
+    return [p for p, x in wtree.flatten_with_paths(tree, is_leaf=wtree.is_atomic)[0] if wtree.is_weight(x)]
+
+
 def _mirror(view: _View, value) -> str | None:
-    """'tree' if ``value`` has the params' weight-leaf paths, 'list' for a list/tuple of such trees."""
+    """'tree' if ``value`` has the params' weight-leaf paths, 'list' for a list/tuple of such trees.
+    Only weight leaves count, so equinox's ``filter_grad`` output (``None`` for the activation)
+    mirrors the module it came from."""
+    want = set(p for p, x in zip(view.paths, view.leaves) if wtree.is_weight(x))
+
     def same(v):
         try:
-            return [p for p, _ in wtree.flatten_with_paths(v, is_leaf=wtree.is_atomic)[0]] == view.paths
+            got = _weight_paths(v)
         except Exception:  # path collisions etc.: not a mirror
             return False
+        return len(got) == len(want) and set(got) == want
 
-    if value is None:
+    if value is None or not want:
         return None
     if same(value):
         return "tree"
@@ -168,26 +178,31 @@ def _mirror(view: _View, value) -> str | None:
 
 
 def _hide_like(view: _View, value, keep):
-    pairs, treedef = wtree.flatten_with_paths(value, is_leaf=wtree.is_atomic)
-    return treedef.unflatten([x if k else MaskedNode() for (_, x), k in zip(pairs, keep)])
+    """``value`` with MaskedNode at every path the params hide (by path, so the containers may differ
+    in their non-weight leaves: equinox's ``filter_grad`` puts ``None`` where the module has a
+    function, and both become MaskedNode, so the hidden trees match)."""
+    hidden = {p for p, k in zip(view.paths, keep) if not k}
+    pairs, treedef = wtree.flatten_with_paths(value, is_leaf=lambda x: x is None or wtree.is_atomic(x))
+    return treedef.unflatten([MaskedNode() if p in hidden else x for p, x in pairs])
 
 
 def _check_tree_extra(view: _View, name: str, value) -> None:
     """A TREE_EXTRAS value that mirrors nothing: name the first path where it differs."""
     one = value[0] if isinstance(value, (list, tuple)) and value and not hasattr(value, "_fields") else value
     try:
-        got = [p for p, _ in wtree.flatten_with_paths(one, is_leaf=wtree.is_atomic)[0]]
+        got = _weight_paths(one)
     except Exception as e:
         raise StructureMismatchError("", "a tree like the params", f"{type(e).__name__}: {e}", what=f"{name}=") from None
-    gs, ws = set(got), set(view.paths)
-    for p in view.paths:
+    want = [p for p, x in zip(view.paths, view.leaves) if wtree.is_weight(x)]
+    gs, ws = set(got), set(want)
+    for p in want:
         if p not in gs:
             raise StructureMismatchError(p, "a leaf (as in the params)", f"missing from {name}=", what=f"{name}=")
     for p in got:
         if p not in ws:
             raise StructureMismatchError(p, "no leaf (absent from the params)", f"an extra leaf in {name}=",
                                          what=f"{name}=")
-    raise StructureMismatchError("", "the params' leaf order", f"another order in {name}=", what=f"{name}=")
+    raise StructureMismatchError("", "one leaf per params leaf", f"repeated paths in {name}=", what=f"{name}=")
 
 
 def mask_extras(params, keep, extras: Mapping[str, Any]) -> dict:
@@ -264,6 +279,12 @@ def select(selector: wtree.SelectorLike, inner: WeightTransform, *, strict: bool
     return WeightTransform(init, apply)
 
 
+def _has_hidden(view: _View) -> bool:
+    """Whether the tree holds MaskedNode placeholders (it is the view of an enclosing select)."""
+    leaves = jax.tree_util.tree_leaves(view.treedef.unflatten(view.leaves), is_leaf=lambda x: isinstance(x, MaskedNode))
+    return any(isinstance(x, MaskedNode) for x in leaves)
+
+
 def _labels(view: _View, transforms: Mapping[str, WeightTransform], labels, default, strict: bool) -> list:
     """Group label of every weight leaf (None for non-weight leaves); errors for 0 or 2+ claims."""
     regex_keys = labels is None
@@ -295,7 +316,7 @@ def _labels(view: _View, transforms: Mapping[str, WeightTransform], labels, defa
         elif lab not in transforms:
             raise PartitionError(f"leaf '{p}' has label {lab!r}, which has no transform")
         out.append(lab)
-    if regex_keys and strict:
+    if regex_keys and strict and not _has_hidden(view):  # under an outer select a group may be empty
         unused = [name for name in transforms if name not in out]
         if unused:
             raise NoMatchError(f"partition group {unused[0]!r} matches no weight leaf (paths look like: "
@@ -313,7 +334,8 @@ def partition(transforms: Mapping[str, WeightTransform], labels=None, *,
     :class:`PartitionError`, and (with ``strict``) a regex group that matches nothing raises
     :class:`NoMatchError`, before any transform runs. Each group sees only its leaves, in the params
     and in every extra that mirrors them; groups may change their leaves' types (mixed precision:
-    ``partition({"attn/": quant.rtn(bits=4), "mlp/": quant.rtn(bits=8)}, default=identity())``).
+    ``partition({"attn/.*kernel$": quant.rtn(bits=4), "mlp/.*kernel$": quant.rtn(bits=8)},
+    default=identity())``).
     The state is a dict of the groups' states.
     """
     groups = dict(transforms)

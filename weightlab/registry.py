@@ -64,7 +64,7 @@ class Registry:
     def __init__(self, pillar: str, modules: Sequence[str] = ()):
         self.pillar, self.modules = pillar, tuple(modules)
         self._entries: dict[str, Entry] = {}
-        self._loaded = not self.modules
+        self._loaded, self._loading = not self.modules, False
 
     def register(self, name: str | None = None, **info) -> Callable[[Callable], Callable]:
         """Decorator recording ``fn`` under ``name`` (default ``fn.__name__``) with ``info``."""
@@ -78,10 +78,15 @@ class Registry:
         return deco
 
     def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
+        if self._loaded or self._loading:  # re-entered while a method module imports the registry
+            return
+        self._loading = True
+        try:
             for m in self.modules:
                 importlib.import_module(m)
+            self._loaded = True  # only once every module imported: a failure is not a silently short list
+        finally:
+            self._loading = False
 
     def __getitem__(self, name: str) -> Entry:
         self._load()

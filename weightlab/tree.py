@@ -227,7 +227,7 @@ def _arity(fn) -> int:
 
     try:
         ps = [p for p in inspect.signature(fn).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         var = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
         return 2
@@ -411,15 +411,15 @@ def _finite_flags(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
-def nonfinite(tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
+def nonfinite(tree: PyTree = None, *, pairs: list | None = None, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
     """Paths of the float array leaves that hold NaN or Inf.
 
     One jitted reduction over all leaves and one host fetch of a bool per leaf, so it also runs on
     sharded arrays (the flags come back replicated). Abstract leaves (tracers under ``jit``,
-    ``ShapeDtypeStruct``) cannot be checked and are skipped. ``tree`` may also be a list of
-    ``(path, leaf)`` pairs."""
-    pairs = tree if isinstance(tree, list) and all(isinstance(e, tuple) and len(e) == 2 for e in tree) \
-        else flatten_with_paths(tree, is_leaf=is_leaf)[0]
+    ``ShapeDtypeStruct``) cannot be checked and are skipped. Give either ``tree`` or ``pairs``, a
+    list of ``(path, leaf)`` (never guessed from a tree's shape: a list of ``(W, b)`` layers is a tree)."""
+    if pairs is None:
+        pairs = flatten_with_paths(tree, is_leaf=is_leaf)[0]
     todo = [(p, x) for p, x in pairs if _concrete_float(x)]
     on_device = [(p, x) for p, x in todo if isinstance(x, jax.Array)]
     flags = dict(zip([p for p, _ in on_device], np.asarray(_finite_flags([x for _, x in on_device])))) \

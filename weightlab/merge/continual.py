@@ -13,7 +13,8 @@ the reference. The first model is taken as is (the merge of one model is that mo
 As a transform (``merge.transform("opcm", alpha=0.5)``) the state is an :class:`OPCMState` and each
 ``apply(merged, state, models=[new, ...])`` folds the new models in (jit-able: fixed-shape state).
 :func:`opcm` runs a whole sequence (order matters; shuffle the list yourself for the paper's
-averaged-over-orders protocol). Memory: the base and one merged model.
+averaged-over-orders protocol). Memory: the transform fed one model per call holds the base and one
+merged model; the plain function stacks the list it is given (all N models).
 """
 
 from __future__ import annotations

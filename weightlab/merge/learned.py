@@ -81,7 +81,7 @@ def adamerging_fit(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequ
     return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.stack(losses) if losses else jnp.zeros(0))
 
 
-@merge_method("adamerging", stream=False, extras=("unlabeled",), paper="Yang et al. 2024 (AdaMerging)")
+@merge_method("adamerging", stream=False, extras=("unlabeled",), whole_model=True, paper="Yang et al. 2024 (AdaMerging)")
 def adamerging(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequence[Any]], granularity: str = "layer",
                init: float = 0.3, steps: int = 100, optimizer: Any = None):
     """AdaMerging: task- or layer-wise coefficients learned by entropy minimisation on unlabeled data."""

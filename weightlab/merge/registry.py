@@ -74,12 +74,19 @@ def _rule(lo: int, hi: int | None) -> str:
 
 
 def inputs(base, models, *, name: str = "merge", base_rule: str = "required", count=(1, None)) -> Inputs:
-    """The shared input path of every merge (see the module docstring)."""
+    """The shared input path of every merge (see the module docstring). A list or tuple is a list of
+    models, unless a base is given and the list is itself shaped like the base (a stacked tree whose
+    root is a list); without a base, pass such stacks as a list of models instead."""
     from .. import tree as wtree
 
     if models is None:
         raise MergeError(f"{name}: no models to merge")
-    if isinstance(models, (list, tuple)) and not hasattr(models, "_fields"):
+    as_list = isinstance(models, (list, tuple)) and not hasattr(models, "_fields")
+    if as_list and base is not None and models:  # a stacked tree whose root is a list (params = [W0, W1])?
+        bpaths = wtree.paths(base)
+        if wtree.paths(models) == bpaths and any(wtree.paths(m) != bpaths for m in models):
+            as_list = False
+    if as_list:
         if not models:
             raise MergeError(f"{name}: no models to merge")
         models = dequantized(list(models))
@@ -118,7 +125,8 @@ def inputs(base, models, *, name: str = "merge", base_rule: str = "required", co
 
 def merge_method(name: str | None = None, *, base: str = "required", count=(1, None), per_model_params=(),
                  mergekit: bool = False, stream: bool = True, stream_kwargs=(), host_topk: bool = False,
-                 fast: Callable | None = None, extras: Sequence[str] = (), continual=None, paper: str = ""):
+                 fast: Callable | None = None, extras: Sequence[str] = (), continual=None, whole_model: bool = False,
+                 paper: str = ""):
     """Register ``fn(base, models, *, key=None, **hp)`` as a merge method (see the module docstring).
 
     ``base``: "required" | "optional" | "unused"; ``count``: (min, max or None) models besides the
@@ -128,7 +136,9 @@ def merge_method(name: str | None = None, *, base: str = "required", count=(1, N
     magnitude cut-offs on the host and passes ``threshold=``; ``fast(block, kw, has_base)``: an in-place
     numpy evaluation for the engine (None when ``kw`` needs the general path); ``extras``: data inputs
     the transform takes as apply-time extras (``fishers=``, ``grams=``); ``continual``: ``(init,
-    step)`` for methods that fold models in one at a time (the transform keeps their state).
+    step)`` for methods that fold models in one at a time (the transform keeps their state);
+    ``whole_model``: the method runs the model (``apply_fn``), so it cannot work on a part of it
+    (its transform refuses to run under ``select``/``partition``).
     """
     if base not in ("required", "optional", "unused"):
         raise ValueError(f"base must be 'required', 'optional' or 'unused', got {base!r}")
@@ -161,7 +171,7 @@ def merge_method(name: str | None = None, *, base: str = "required", count=(1, N
         METHODS.register(key_name, base=base, count=tuple(count), per_model=frozenset(per_model_params),
                          mergekit=mergekit, stream=stream, stream_kwargs=tuple(stream_kwargs), host_topk=host_topk,
                          fast=fast, extras=tuple(extras), continual=continual, paper=paper, params_of=fn, doc_of=fn,
-                         random="key" in known,
+                         random="key" in known, whole_model=whole_model,
                          implicit=_IMPLICIT + tuple(extras), required=frozenset(required))(wrapper)
         return wrapper
 
@@ -192,12 +202,21 @@ def transform(name: str, **hp):
         return WeightTransform(init, lambda params, state, **ex: step(params, state, _models(name, ex), **hp))
 
     def apply(params, state, **ex):
+        if entry.whole_model and _has_masked(params):
+            raise MergeError(f"{name} evaluates the whole model with apply_fn: it cannot run on the part a "
+                             "select/partition leaves visible")
         kw = dict(hp, **{k: ex[k] for k in entry.extras if ex.get(k) is not None})
         if entry.random and ex.get("key") is not None:
             kw["key"] = ex["key"]
         return entry.fn(None if entry.base == "unused" else params, _models(name, ex), **kw), state
 
     return WeightTransform(lambda params: EmptyState(), apply)
+
+
+def _has_masked(tree) -> bool:
+    from ..core import MaskedNode
+
+    return any(isinstance(x, MaskedNode) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, MaskedNode)))
 
 
 def _models(name, extras):

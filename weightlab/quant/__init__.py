@@ -1,7 +1,8 @@
 """weightlab.quant: quantized arrays, formats, and every quantizer as a weight transform.
 
 >>> q = quant.quantize(params, "rtn", bits=4, group_size=128)            # linear weights -> QArray
->>> t = wl.partition({"attn/": quant.gptq(bits=4), "mlp/": quant.awq(bits=3)}, default=wl.identity())
+>>> t = wl.partition({"attn/.*kernel$": quant.gptq(bits=4), "mlp/.*kernel$": quant.awq(bits=3)},
+...                  default=wl.identity())
 >>> q = wl.apply_once(t, params, stats=quant.capture(apply_fn, params, batches))   # mixed precision
 >>> dense = quant.dequantize(q)
 

@@ -8,6 +8,7 @@ batches=b)`` is ``select(DEFAULT_SELECT, quant.gptq())`` applied with the ``stat
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable
 
 import jax
@@ -30,7 +31,7 @@ def quantize_array(w, method: str = "rtn", *, path: str = "", stats=None, **hp) 
     if entry.calibrated and stats is None:
         raise MissingExtraError(f"{method} needs the calibration statistics of this weight (stats=)")
     check_quantizable(path, w, lambda x: entry.fn(x, path=path, stats=stats, **hp))
-    if wtree.nonfinite([(path, w)]):
+    if wtree.nonfinite(pairs=[(path, w)]):
         raise QuantizationError(f"'{path}': NaN/Inf values; refusing to quantize")
     return entry.fn(w, path=path, stats=stats, **hp)
 
@@ -81,19 +82,20 @@ def _calibrated(t, params, sel, apply_fn, batches, sequential, row_mask, key):
                                 f"({len(missing)} selected weights unreached); select fewer weights")
     targets = [p for p in order if p in set(chosen)]
     cap = Capturer(apply_fn, params, batches[0], select=lambda p: p in set(targets), row_mask=row_mask)
-    stats = cap(params, batches)
     whole = select_leaves(sel, t)
-    _dry_run(whole, params, stats, key)
-    bad = wtree.nonfinite([(p, x) for p, x in wtree.flatten_with_paths(params)[0] if p in set(targets)])
+    abstract = jax.eval_shape(lambda: cap(params, batches[:1]))  # shapes and axes of the statistics, no work
+    _dry_run(whole, params, abstract, key)                      # every check of every layer, before calibrating
+    bad = wtree.nonfinite(pairs=[(p, x) for p, x in wtree.flatten_with_paths(params)[0] if p in set(targets)])
     if bad:
         raise QuantizationError(f"'{bad[0]}': NaN/Inf values; refusing to quantize")
+    stats = cap(params, batches)
     if not sequential:
         return apply_once(whole, params, stats=stats, key=key)
     current = params
     for i, p in enumerate(targets):
         if i:
             stats = cap(dequantize(current), batches)
-        one = select_leaves(lambda path, p=p: path == p, t)
+        one = select_leaves(f"^{re.escape(p)}$", t)
         current = apply_once(one, current, stats={p: stats[p]}, key=key)
     return current
 

@@ -85,7 +85,7 @@ def leafwise(leaf_fn: Callable, *, name: str, calibrated: bool = False) -> Weigh
         leaf = {p: functools.partial(leaf_fn, path=p, stats=stats[p] if calibrated else None) for _, p, _ in todo}
         for _, p, x in todo:
             check_quantizable(p, x, leaf[p])
-        bad = wtree.nonfinite([(p, x) for _, p, x in todo])
+        bad = wtree.nonfinite(pairs=[(p, x) for _, p, x in todo])
         if bad:
             raise QuantizationError(f"'{bad[0]}': NaN/Inf values; refusing to quantize ({len(bad)} such leaves)")
         leaves = [x for _, x in pairs]
