@@ -31,7 +31,7 @@ SEP = "/"
 
 __all__ = [
     "keystr", "flatten_with_paths", "paths", "to_flat_dict", "from_flat_dict", "map_with_path",
-    "Selector", "SelectorLike", "selector", "predicate", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
+    "Selector", "SelectorLike", "selector", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
     "is_array", "nonfinite", "true_nbytes", "tree_nbytes", "param_count", "describe",
 ]
 
@@ -210,10 +210,6 @@ class Selector:
     def __repr__(self) -> str:
         return f"Selector({self._desc})"
 
-    def mask(self, tree: PyTree) -> PyTree:
-        """See :func:`mask`."""
-        return mask(tree, self)
-
     def paths(self, tree: PyTree) -> list[str]:
         """Paths of the array (or atomic) leaves of ``tree`` this selects, in leaf order."""
         return [p for p, x in flatten_with_paths(tree, is_leaf=is_atomic)[0] if is_weight(x) and self(p, x)]
@@ -271,11 +267,6 @@ def selector(spec: SelectorLike = None, *, exclude: SelectorLike = None, min_ndi
         k = int(min_ndim)
         sel = sel & Selector(lambda p, x: np.ndim(x) >= k if x is not None else True, f"ndim>={k}")
     return sel
-
-
-def predicate(spec: SelectorLike) -> Selector:
-    """Alias of :func:`selector` (a :class:`Selector` is a ``pred(path, leaf) -> bool``)."""
-    return selector(spec)
 
 
 def mask(tree: PyTree, spec: SelectorLike) -> PyTree:

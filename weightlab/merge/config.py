@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from .registry import METHODS
+from .registry import METHODS, check_count
 
 __all__ = ["MergeConfig", "load_config", "parse_config", "evaluate_setting", "method_parameters"]
 
@@ -210,11 +210,7 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
 def _check_count(entry, models: list[str], base: str | None, where: str) -> None:
     """The method's model-count rule (its registry entry) against a config's model list."""
     n = len(models) if entry.base == "unused" else len([m for m in models if m != base])
-    lo, hi = entry.count
-    if n < lo or (hi is not None and n > hi):
-        rule = f"exactly {lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-        what = "models" if entry.base == "unused" else "models besides base_model"
-        raise MergeError(f"{where}: {entry.name} merges {rule} {what}, got {n}")
+    check_count(entry.name, entry.base, entry.count, n, where)
 
 
 def _node(top, key):

@@ -91,12 +91,16 @@ def _init(params) -> OPCMState:
 
 
 def _step(merged, state: OPCMState, models, *, alpha: float = 0.5):
-    """Transform step: fold ``models`` (list or stacked) into ``merged``."""
+    """Transform step: validate ``models`` (list or stacked) and fold them into ``merged``."""
     _check_alpha(alpha)
-    x = inputs(state.base, models, name="opcm")
+    return _fold_all(merged, state, inputs(state.base, models, name="opcm").models, alpha)
+
+
+def _fold_all(merged, state: OPCMState, stacked, alpha):
+    """Fold validated, stacked models into ``merged`` one at a time."""
     base, lam, nsum, count = state
-    for i in range(x.n):
-        model = jax.tree.map(lambda s, i=i: s[i] if wtree.is_array(s) else s, x.models)
+    for i in range(wtree.num_models(stacked)):
+        model = jax.tree.map(lambda s, i=i: s[i] if wtree.is_array(s) else s, stacked)
         first = lambda: (jax.tree.map(lambda m, b: m.astype(b.dtype) if wtree.is_array(b) else b, model, merged),
                          jnp.float32(1.0), _global_norm(model, base))
         later = lambda: _fold(base, merged, lam, nsum, count, model, alpha)
@@ -112,6 +116,5 @@ def _step(merged, state: OPCMState, models, *, alpha: float = 0.5):
 def opcm(base, models, *, alpha: float = 0.5):
     """OPCM over ``models`` in the given order: each projected away from what is already merged."""
     _check_alpha(alpha)
-    state = _init(base)
-    merged, _ = _step(base, state, models, alpha=alpha)
+    merged, _ = _fold_all(base, _init(base), models, alpha)  # models: already validated and stacked
     return merged

@@ -30,7 +30,7 @@ from ..registry import Registry
 
 jax = _lazy.module("jax")
 
-__all__ = ["METHODS", "merge_method", "inputs", "per_model", "transform", "mergekit_names", "dequantized"]
+__all__ = ["METHODS", "merge_method", "inputs", "check_count", "per_model", "transform", "mergekit_names", "dequantized"]
 
 METHODS = Registry("merge", modules=("weightlab.merge.methods", "weightlab.merge.spherical", "weightlab.merge.masking",
                                      "weightlab.merge.subspace", "weightlab.merge.continual", "weightlab.merge.fisher",
@@ -67,10 +67,14 @@ class Inputs(NamedTuple):
     n: int
 
 
-def _rule(lo: int, hi: int | None) -> str:
-    if hi == lo:
-        return f"exactly {lo}"
-    return f"at least {lo}" if hi is None else f"{lo} to {hi}"
+def check_count(name: str, base_rule: str, count, n: int, where: str | None = None) -> None:
+    """The model-count rule of a method (its registry entry's ``base``/``count``) against ``n``
+    models (besides the base, unless the base is unused); ``where`` prefixes the error (a config line)."""
+    lo, hi = count
+    if n < lo or (hi is not None and n > hi):
+        rule = f"exactly {lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        what = "models" if base_rule == "unused" else "models besides the base"
+        raise MergeError(f"{where + ': ' if where else ''}{name} merges {rule} {what}, got {n}")
 
 
 def inputs(base, models, *, name: str = "merge", base_rule: str = "required", count=(1, None)) -> Inputs:
@@ -90,9 +94,7 @@ def inputs(base, models, *, name: str = "merge", base_rule: str = "required", co
         if not models:
             raise MergeError(f"{name}: no models to merge")
         models = dequantized(list(models))
-        for i, m in enumerate(models[1:], 1):
-            wtree.check_compatible(models[0], m, names=("model[0]", f"model[{i}]"))
-        stacked = wtree.stack(models)
+        stacked = wtree.stack(models)  # checks every model against the first (typed, names the path)
     else:
         stacked = dequantized(models)
     if base_rule == "required" and base is None:
@@ -113,10 +115,7 @@ def inputs(base, models, *, name: str = "merge", base_rule: str = "required", co
     if base is not None:
         first = jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked)
         wtree.check_compatible(base, first, names=("base_model", "models"))
-    lo, hi = count
-    if n < lo or (hi is not None and n > hi):
-        what = "models besides the base" if base_rule != "unused" else "models"
-        raise MergeError(f"{name} merges {_rule(lo, hi)} {what}, got {n}")
+    check_count(name, base_rule, count, n)
     bad = wtree.nonfinite(stacked) + (wtree.nonfinite(base) if base is not None else [])
     if bad:
         raise MergeError(f"'{bad[0]}': NaN/Inf in the models; refusing to merge ({name})")

@@ -18,22 +18,16 @@ from ..core import WeightTransform, apply_once, select as select_leaves
 from ..errors import MissingExtraError, QuantizationError
 from .formats import DEFAULT_SELECT
 from .qarray import QArray, is_qarray
-from .registry import METHODS, check_parameters, check_quantizable, transform
+from .registry import METHODS, transform
 
 __all__ = ["DEFAULT_SELECT", "quantize", "quantize_array", "dequantize"]
 
 
 
 def quantize_array(w, method: str = "rtn", *, path: str = "", stats=None, **hp) -> QArray:
-    """Quantize one array with a registered method (validated first, NaN/Inf refused)."""
-    entry = METHODS[method]
-    check_parameters(method, hp)
-    if entry.calibrated and stats is None:
-        raise MissingExtraError(f"{method} needs the calibration statistics of this weight (stats=)")
-    check_quantizable(path, w, lambda x: entry.fn(x, path=path, stats=stats, **hp))
-    if wtree.nonfinite(pairs=[(path, w)]):
-        raise QuantizationError(f"'{path}': NaN/Inf values; refusing to quantize")
-    return entry.fn(w, path=path, stats=stats, **hp)
+    """Quantize one array with a registered method: the method's transform on a one-leaf tree, so
+    the same validation (layout, dtype, already quantized, statistics, NaN/Inf) runs first."""
+    return apply_once(transform(method, **hp), {path: w}, stats=None if stats is None else {path: stats})[path]
 
 
 def quantize(params, method: str | WeightTransform = "rtn", *, select: wtree.SelectorLike = DEFAULT_SELECT,
