@@ -93,3 +93,18 @@ class AlreadyQuantizedError(QuantizationError):
 
 class MergeError(WeightlabError, ValueError):
     """A merge cannot run as configured (unknown method/parameter, bad density, too few models ...)."""
+
+
+class UsageError(WeightlabError, ValueError):
+    """A command-line option or API argument that is meaningless (``--group-size 0``), of the wrong
+    type (``--weights 1,abc``, ``key=0``) or that does not apply to the chosen method/format."""
+
+
+class OutputPathError(WeightlabError, OSError):
+    """The output location is unusable: its parent is missing or is a file, or it is not writable.
+    Raised before any work is done."""
+
+
+class LeafTypeError(WeightlabError, TypeError):
+    """A leaf is not what the operation can hold (e.g. a Python object where an array must be
+    stored); the message names the leaf's path."""
