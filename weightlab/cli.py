@@ -37,6 +37,7 @@ Run `weightlab COMMAND --help` for a command's options.
 
 def _add_quantize_parser(sub, full: bool) -> None:
     """``full``: list the registered methods (imports the quantizers, so only when this command runs)."""
+    from .cliargs import group_size, integer, regex
     from .quant.defaults import DEFAULTS
 
     methods = None
@@ -62,15 +63,15 @@ def _add_quantize_parser(sub, full: bool) -> None:
     q.add_argument("--method", default="rtn", choices=methods, help="a data-free quantizer (default rtn)")
     q.add_argument("--format", default=None, help=f"rtn: int (symmetric), uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
                                                   f"fp8_e5m2, mxfp4, nvfp4 (default {DEFAULTS['fmt']})")
-    q.add_argument("--bits", type=int, default=None, help=f"bits of int formats (rtn, hqq; default {DEFAULTS['bits']})")
-    q.add_argument("--group-size", default=None, help="weights per scale along the input axis: a number, 'auto' "
+    q.add_argument("--bits", type=integer(2, 8), default=None, help=f"bits of int formats (rtn, hqq; default {DEFAULTS['bits']})")
+    q.add_argument("--group-size", type=group_size, default=None, help="weights per scale along the input axis: a number, 'auto' "
                                                       "(128, or the format's block), 'channel' or 'tensor' "
                                                       "(default auto)")
-    q.add_argument("--axis", type=int, default=None, help="input axis; default -1 for names ending in '.weight' "
+    q.add_argument("--axis", type=integer(), default=None, help="input axis; default -1 for names ending in '.weight' "
                                                           "(PyTorch (out, in)) and -2 otherwise")
-    q.add_argument("--select", default=DEFAULTS["select"],
+    q.add_argument("--select", type=regex, default=DEFAULTS["select"],
                    help=f"regex of tensors to quantize (default {DEFAULTS['select']!r})")
-    q.add_argument("--exclude", default=DEFAULTS["exclude"],
+    q.add_argument("--exclude", type=regex, default=DEFAULTS["exclude"],
                    help=f"regex of tensors to keep (default {DEFAULTS['exclude']!r})")
     q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
     q.add_argument("--overwrite", action="store_true")
@@ -173,6 +174,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weightlab", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
+    from .cliargs import integer
 
     p.add_argument("--version", action="version", version=f"weightlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -181,7 +183,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                                    "Only the header is read: nothing is loaded into memory.")
     i.add_argument("path", help="a .safetensors file, or a directory with model.safetensors[.index.json]")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    i.add_argument("--limit", type=int, default=50, help="rows to show (0 = all; default 50)")
+    i.add_argument("--limit", type=integer(0), default=50, help="rows to show (0 = all; default 50)")
     i.set_defaults(fn=cmd_info)
     from .merge import cli as merge_cli
 
@@ -209,9 +211,25 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (WeightlabError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except WeightlabError as e:
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `weightlab info --json | head`: the reader left; not an error of ours
+        _quiet_stdout()
+        return 0
+    except OSError as e:  # the machine's, not the input's: disk full, permission denied mid-run
+        print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor (pytest capture)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import _lazy, tree as wtree
-from .errors import MissingExtraError, NoMatchError, PartitionError, StructureMismatchError
+from .errors import MissingExtraError, NoMatchError, PartitionError, StructureMismatchError, UsageError
 
 jax = _lazy.module("jax")        # deferred: pillar registries import this module without JAX
 optax = _lazy.module("optax")
@@ -101,6 +101,17 @@ def per_leaf(fn: Callable[..., Any], *, salt: str = "", needs_key: bool = False)
     return WeightTransform(_empty_init, apply)
 
 
+def _check_transform(t, where: str) -> None:
+    """:class:`UsageError` when ``t`` is not a weight transform (caught when a recipe is built, not
+    deep inside its first ``apply``); an optax transformation gets a pointer to :func:`from_optax`."""
+    if isinstance(t, WeightTransform):
+        return
+    if hasattr(t, "init") and hasattr(t, "update") and not hasattr(t, "apply"):
+        raise UsageError(f"{where}: got an optax transformation; wrap it with weightlab.from_optax(...)")
+    if not (hasattr(t, "init") and hasattr(t, "apply") and callable(t.init) and callable(t.apply)):
+        raise UsageError(f"{where}: expected a WeightTransform (init/apply), got {type(t).__name__} {t!r:.80}")
+
+
 def chain(*transforms: WeightTransform) -> WeightTransform:
     """Apply transforms in order; the state is the tuple of their states.
 
@@ -108,6 +119,8 @@ def chain(*transforms: WeightTransform) -> WeightTransform:
     random steps in one chain draw independent numbers). ``chain()`` is the identity, and
     ``chain(chain(a, b), c)`` gives the same weights as ``chain(a, chain(b, c))``.
     """
+    for i, t in enumerate(transforms):
+        _check_transform(t, f"chain(...) argument {i}")
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -255,6 +268,7 @@ def select(selector: wtree.SelectorLike, inner: WeightTransform, *, strict: bool
     matches no leaf raises :class:`NoMatchError` (a typo should not silently do nothing).
     """
     sel = wtree.selector(selector)
+    _check_transform(inner, f"select({sel!r}, ...)")
 
     def _mask(view):
         keep = _keep(view, sel)
@@ -338,8 +352,15 @@ def partition(transforms: Mapping[str, WeightTransform], labels=None, *,
     default=identity())``).
     The state is a dict of the groups' states.
     """
+    if not isinstance(transforms, Mapping):
+        raise UsageError(f"partition(...) takes a mapping {{selector or label: transform}}, got {type(transforms).__name__}")
     groups = dict(transforms)
+    for name, t in groups.items():
+        _check_transform(t, f"partition group {name!r}")
+        if labels is None:
+            wtree.selector(name)  # a bad regex fails here, quoting the user's text
     if default is not None:
+        _check_transform(default, "partition default")
         groups["__default__"] = default
 
     def _masks(view):
@@ -379,6 +400,7 @@ def as_optax(t: WeightTransform) -> optax.GradientTransformationExtraArgs:
     ``optax.apply_updates`` then recomputes ``params + update`` in floating point, which can differ
     from ``t``'s output by rounding (one ulp).
     """
+    _check_transform(t, "as_optax(...)")
 
     def update(updates, state, params=None, **extras):
         if params is None:
@@ -401,7 +423,9 @@ def from_optax(gt: optax.GradientTransformation, *, mode: str = "step") -> Weigh
     ``gt`` as if they were updates (``optax.clip``, ``optax.scale`` ... become weight maps).
     """
     if mode not in ("step", "map"):
-        raise ValueError(f"mode must be 'step' or 'map', got {mode!r}")
+        raise UsageError(f"from_optax: mode must be 'step' or 'map', got {mode!r}")
+    if not (hasattr(gt, "init") and hasattr(gt, "update")):
+        raise UsageError(f"from_optax: expected an optax GradientTransformation, got {type(gt).__name__}")
     takes_extras = isinstance(gt, optax.GradientTransformationExtraArgs)
 
     def apply(params, state, **extras):
@@ -419,4 +443,7 @@ def from_optax(gt: optax.GradientTransformation, *, mode: str = "step") -> Weigh
 
 def apply_once(t: WeightTransform, params: Params, **extras) -> Params:
     """``t.apply(params, t.init(params), **extras)[0]`` for one-shot transforms (quantize, merge)."""
+    _check_transform(t, "apply_once(...)")
+    if extras.get("key") is not None:
+        wtree.check_key(extras["key"])
     return t.apply(params, t.init(params), **extras)[0]

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _lazy
 from .dtypes import true_bytes
-from .errors import DTypeMismatchError, PathCollisionError, SelectorError, ShapeMismatchError, StructureMismatchError
+from .errors import (DTypeMismatchError, PathCollisionError, SelectorError, ShapeMismatchError, StructureMismatchError,
+                     UsageError)
 
 jax = _lazy.module("jax")  # deferred: the merge registry and a linear merge load this without JAX
 jnp = _lazy.module("jax.numpy")
@@ -31,7 +32,7 @@ SEP = "/"
 
 __all__ = [
     "keystr", "flatten_with_paths", "paths", "to_flat_dict", "from_flat_dict", "map_with_path",
-    "Selector", "SelectorLike", "selector", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "leaf_key", "leaf_keys", "check_compatible",
+    "Selector", "SelectorLike", "selector", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "check_key", "leaf_key", "leaf_keys", "check_compatible",
     "is_array", "nonfinite", "true_nbytes", "tree_nbytes", "param_count", "describe",
 ]
 
@@ -83,7 +84,13 @@ def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = Non
     def _is_leaf(x):
         return (bool(wrappers) and isinstance(x, wrappers)) or (is_leaf is not None and is_leaf(x))
 
-    outer, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    try:
+        outer, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    except ValueError as e:  # JAX sorts dict keys; {0: ..., "0": ...} cannot be sorted
+        if "sorting" not in str(e):
+            raise
+        raise PathCollisionError(f"a dict mixes key types that cannot be ordered (e.g. 0 and '0'): {e.__cause__ or e}; "
+                                 "use one key type per dict") from None
     pairs: list[tuple[str, Any]] = []
     for kp, x in outer:
         if wrappers and isinstance(x, wrappers):
@@ -284,9 +291,11 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     This is the input format of every merge (``vmap`` over models, per-model coefficients). All
     models are checked against the first (structure, shapes, dtypes) before anything is stacked.
     """
+    if not isinstance(trees, (list, tuple)):
+        raise UsageError(f"stack() takes a list of models, got {type(trees).__name__}")
     trees = list(trees)
     if not trees:
-        raise ValueError("stack() needs at least one model")
+        raise UsageError("stack() needs at least one model, got an empty list")
     for i, t in enumerate(trees[1:], start=1):
         check_compatible(trees[0], t, names=("model[0]", f"model[{i}]"))
     return jax.tree.map(lambda *xs: jnp.stack(xs) if is_array(xs[0]) else xs[0], *trees)
@@ -316,12 +325,29 @@ def _path_hash(path: str, salt: str = "") -> int:
     return zlib.crc32(f"{salt}\x00{path}".encode()) & 0x7FFFFFFF
 
 
+def check_key(key: Any, what: str = "key") -> None:
+    """:class:`UsageError` unless ``key`` is a JAX PRNG key: a typed key (``jax.random.key(n)``) or
+    a raw ``uint32[2]`` one (``jax.random.PRNGKey(n)``), possibly traced. A plain int seed is the
+    usual mistake, and is named as such."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        raise UsageError(f"{what}= must be a JAX PRNG key, got the int {key}; pass {what}=jax.random.key({key})")
+    dt = getattr(key, "dtype", None)
+    if dt is None:
+        raise UsageError(f"{what}= must be a JAX PRNG key (jax.random.key(n)), got {type(key).__name__}")
+    if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+        return
+    if np.dtype(dt) != np.uint32 or tuple(np.shape(key))[-1:] != (2,):
+        raise UsageError(f"{what}= must be a JAX PRNG key (jax.random.key(n)), got an array of "
+                         f"{np.dtype(dt)}{list(np.shape(key))}")
+
+
 def leaf_key(key: jax.Array, path: str, salt: str = "") -> jax.Array:
     """Key for one leaf: ``fold_in(key, crc32(salt, path))``.
 
     Depends only on the base key, the path and the salt: never on leaf order, which other leaves
     exist, or device count. Use distinct ``salt`` values for independent random steps.
     """
+    check_key(key)
     return jax.random.fold_in(key, _path_hash(path, salt))
 
 

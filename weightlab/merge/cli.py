@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import re
 
-
-def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 500MB, 2GB)")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+from ..cliargs import float_list, integer, real, regex, seed, size
 
 
 def _methods_help() -> str:
@@ -41,8 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("output", help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--dry-run", action="store_true", help="validate config and checkpoints, report, write nothing")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-shard-size", type=_size, default=_size("2GB"), help="output shard size (default 2GB)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
+    p.add_argument("--max-shard-size", type=size, default=size("2GB"), help="output shard size (default 2GB)")
+    p.add_argument("--seed", type=seed, default=0, help="seed for random methods (DARE, DELLA)")
     p.set_defaults(fn=run)
     e = sub.add_parser(
         "extract-lora", help="extract a PEFT LoRA adapter from a fine-tune (truncated SVD per weight)",
@@ -52,9 +46,9 @@ def add_parser(sub) -> None:
     e.add_argument("base", help="base checkpoint (HF safetensors dir or file)")
     e.add_argument("finetuned", help="fine-tuned checkpoint with the same tensors")
     e.add_argument("output", help="adapter directory (refused if it exists, unless --overwrite)")
-    e.add_argument("--rank", type=float, default=16,
+    e.add_argument("--rank", type=real(0, lo_open=True), default=16,
                    help="rank (integer) or, below 1, the fraction of spectral energy to keep per matrix (default 16)")
-    e.add_argument("--select", default=None, help="regex of tensor names to factor (default: linear layers)")
+    e.add_argument("--select", type=regex, default=None, help="regex of tensor names to factor (default: linear layers)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=run_extract)
     m = sub.add_parser(
@@ -64,25 +58,34 @@ def add_parser(sub) -> None:
                     "best rank-r approximation, via QR of the stacked factors and a small SVD).")
     m.add_argument("adapters", nargs="+", help="PEFT adapter directories (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output adapter directory (refused if it exists, unless --overwrite)")
-    m.add_argument("--weights", default=None, help="comma-separated weights, one per adapter (default 1 each)")
+    m.add_argument("--weights", type=float_list, default=None, help="comma-separated weights, one per adapter (default 1 each)")
     m.add_argument("--method", choices=["concat", "svd"], default="concat")
-    m.add_argument("--rank", type=int, default=None, help="svd: output rank (default: the largest input rank)")
+    m.add_argument("--rank", type=integer(1), default=None, help="svd: output rank (default: the largest input rank)")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(fn=run_merge_lora)
 
 
 def run_merge_lora(args) -> int:
+    from ..cliargs import UsageError, output
     from .peft import merge_adapters
 
-    weights = [float(x) for x in args.weights.split(",")] if args.weights else None
-    merge_adapters(args.adapters, args.out, weights=weights, method=args.method, rank=args.rank,
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise UsageError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters")
+    if args.rank is not None and args.method != "svd":
+        raise UsageError("--rank applies to --method svd only (concat keeps every rank)")
+    output(args.out, args.overwrite)
+    merge_adapters(args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank,
                    overwrite=args.overwrite)
     return 0
 
 
 def run_extract(args) -> int:
+    from ..cliargs import UsageError, output
     from .peft import extract_lora_checkpoint
 
+    if args.rank >= 1 and args.rank != int(args.rank):
+        raise UsageError(f"--rank is an integer rank or an energy fraction below 1, got {args.rank}")
+    output(args.output, args.overwrite)
     rank = int(args.rank) if args.rank >= 1 else float(args.rank)
     extract_lora_checkpoint(args.base, args.finetuned, args.output, rank=rank, select=args.select,
                             overwrite=args.overwrite)
@@ -90,9 +93,11 @@ def run_extract(args) -> int:
 
 
 def run(args) -> int:
+    from ..cliargs import output
     from .config import load_config
     from .stream import run_merge
 
+    output(args.output, args.overwrite, args.dry_run)
     cfg = load_config(args.config)
     run_merge(cfg, args.output, dry_run=args.dry_run, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
               seed=args.seed)

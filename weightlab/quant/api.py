@@ -15,7 +15,7 @@ import jax
 
 from .. import tree as wtree
 from ..core import WeightTransform, apply_once, select as select_leaves
-from ..errors import MissingExtraError, QuantizationError
+from ..errors import MissingExtraError, QuantizationError, QuantizationParameterError
 from .formats import DEFAULT_SELECT
 from .qarray import QArray, is_qarray
 from .registry import METHODS, transform
@@ -45,7 +45,8 @@ def quantize(params, method: str | WeightTransform = "rtn", *, select: wtree.Sel
     """
     if isinstance(method, WeightTransform):
         if hp:
-            raise TypeError(f"hyper-parameters {sorted(hp)} go to the transform's factory, not to quantize()")
+            raise QuantizationParameterError(f"hyper-parameters {sorted(hp)} go to the transform's factory "
+                                             "(quant.rtn(bits=3)), not to quantize() with a transform")
         t, calibrated = method, stats is not None or apply_fn is not None
     else:
         t, calibrated = transform(method, **hp), METHODS[method].calibrated

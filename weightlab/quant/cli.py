@@ -8,50 +8,55 @@ import json
 import re
 import time
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, UsageError
 
 _FLAGS = {"fmt": "--format", "bits": "--bits", "group_size": "--group-size"}
 
 
-class UsageError(QuantizationError):
-    """A command-line option that does not apply, or a meaningless value."""
-
-
-def _group(text):
-    if text is None or text in ("auto", "channel", "tensor"):
-        return {"channel": None, "tensor": 0}.get(text, text)
-    try:
-        g = int(text)
-    except ValueError:
-        raise UsageError(f"--group-size must be a positive integer, 'auto', 'channel' or 'tensor', got {text!r}") from None
-    if g <= 0:
-        raise UsageError(f"--group-size must be positive (or 'channel' / 'tensor'), got {g}")
-    return g
-
-
 def method_kwargs(args) -> dict:
-    """The method's keyword arguments from the options the user gave (None = not given)."""
+    """The method's keyword arguments from the options the user gave (None = not given). An option
+    the method (or the chosen format) does not have is a :class:`UsageError`, never ignored."""
+    from .defaults import DEFAULTS
+    from .formats import format_for
     from .registry import METHODS
 
     entry = METHODS[args.method]
     if entry.calibrated:
         raise UsageError(f"{args.method} needs calibration data; from the CLI only data-free methods run "
                          f"({', '.join(METHODS.names(calibrated=False))}); use weightlab.quant.quantize from Python")
-    given = {"fmt": args.format, "bits": args.bits, "group_size": _group(args.group_size)}
+    given = {"fmt": args.format, "bits": args.bits, "group_size": args.group_size}
     kw = {}
     for k, v in given.items():
-        if v is None or (k == "group_size" and args.group_size is None):
+        if v is None:
             continue
         if k not in entry.parameters:
             raise UsageError(f"{_FLAGS[k]} does not apply to --method {args.method} (it takes "
-                             f"{', '.join(_FLAGS[p] for p in _FLAGS if p in entry.parameters)})")
+                             f"{', '.join(_FLAGS[p] for p in _FLAGS if p in entry.parameters) or 'none of them'})")
         kw[k] = v
+    if "fmt" in kw:
+        fmt = format_for(kw["fmt"], kw.get("bits", DEFAULTS["bits"]))  # an unknown name lists the known ones
+        if args.bits is not None and kw["fmt"].lower() not in ("int", "uint"):
+            raise UsageError(f"--bits applies to the int/uint formats only; {fmt.name} is a fixed {fmt.bits}-bit "
+                             "format (drop --bits)")
+        if fmt.block_size is not None and kw.get("group_size", "auto") not in ("auto", fmt.block_size):
+            raise UsageError(f"{fmt.name} has a fixed block of {fmt.block_size} weights; --group-size "
+                             f"{kw['group_size']} does not apply (drop it or give {fmt.block_size})")
     return kw
+
+
+def _existing_qarrays(c, source: str) -> dict:
+    """QArrays already in the input (a partly quantized checkpoint), rebuilt from the header's
+    layouts so they are written back with their layouts (never as raw codes/scale tensors)."""
+    from .checkpoint import qarray_specs
+    from .qarray import QArray
+
+    return {p: QArray.from_spec(spec, {n: c[f"{p}/{n}"] for n in spec["children"]})
+            for p, spec in qarray_specs(c.metadata, source).items()}
 
 
 def run(args) -> int:
     from .. import io as wio
-    from ..io.atomic import refuse_existing
+    from ..cliargs import output
     from . import check_quantizable, quantize_array, save
     import jax
     import jax.numpy as jnp
@@ -59,18 +64,20 @@ def run(args) -> int:
 
     from ..dtypes import is_floating
 
-    if not args.dry_run:
-        refuse_existing(args.output, args.overwrite)
     kw = method_kwargs(args)
-    try:
-        sel = re.compile(args.select)
-        exc = re.compile(args.exclude) if args.exclude else None
-    except re.error as e:
-        raise UsageError(f"--select/--exclude: not a valid regular expression: {e}") from None
+    output(args.output, args.overwrite, args.dry_run)
+    sel = re.compile(args.select)
+    exc = re.compile(args.exclude) if args.exclude else None
     t0 = time.time()
     with wio.open_checkpoint(args.input) as c:
+        kept = _existing_qarrays(c, str(args.input))
+        hidden = {f"{p}/{n}" for p, q in kept.items() for n in q.spec()["children"]}
+        if kept:
+            print(f"{args.input}: keeping {len(kept)} tensors that are already quantized as they are")
         plan = []
         for name in c.keys():
+            if name in hidden:
+                continue
             shape, dtype = c.shape(name), c.dtype(name)
             chosen = len(shape) == 2 and is_floating(dtype) and sel.search(name) and not (exc and exc.search(name))
             axis = args.axis if args.axis is not None else (-1 if name.endswith(".weight") else -2)
@@ -79,6 +86,10 @@ def run(args) -> int:
                                   lambda w, n=name, a=axis: quantize_array(w, args.method, axis=a, path=n, **kw))
             plan.append((name, bool(chosen), axis))
         n_q = sum(1 for _, ch, _ in plan if ch)
+        f64 = [n for n, ch, _ in plan if ch and c.dtype(n) == np.float64]
+        if f64 and not jax.config.jax_enable_x64:
+            print(f"note: {len(f64)} float64 tensors (e.g. {f64[0]}) are quantized from their float32 values and "
+                  "dequantize to float32 (JAX runs 32-bit; set JAX_ENABLE_X64=1 to keep float64)")
         print(f"{args.input}: {len(plan)} tensors, {n_q} to quantize with {args.method} {json.dumps(kw)}")
         if n_q == 0:
             raise QuantizationError(f"no 2-D float tensor matches --select {args.select!r} minus --exclude")
@@ -87,7 +98,7 @@ def run(args) -> int:
                 if ch:
                     print(f"  quantize {name} {tuple(c.shape(name))} axis={axis}")
             return 0
-        out, dense_bytes, q_bytes = {}, 0, 0
+        out, dense_bytes, q_bytes = dict(kept), 0, 0
         from tqdm import tqdm
 
         for name, ch, axis in tqdm(plan, desc="quantize", disable=None, leave=False):

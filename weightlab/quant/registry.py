@@ -46,13 +46,47 @@ def method(name: str, *, formats: str, paper: str, calibrated: bool = False, par
     return deco
 
 
+_INT, _REAL, _BOOL = (int,), (int, float), (bool,)
+PARAM_TYPES: dict[str, tuple[tuple, str]] = {
+    # name: (accepted Python types, what the message calls it); None is accepted where the default is None
+    "bits": (_INT, "an integer"), "iters": (_INT, "an integer"), "n_grid": (_INT, "an integer"),
+    "block_size": (_INT, "an integer"), "axis": (_INT, "an integer axis"),
+    "damp": (_REAL, "a number"), "p": (_REAL, "a number"), "beta": (_REAL, "a number"),
+    "kappa": (_REAL, "a number"), "max_shrink": (_REAL, "a number"),
+    "symmetric": (_BOOL, "True or False"), "act_order": (_BOOL, "True or False"),
+    "static_groups": (_BOOL, "True or False"), "clip": (_BOOL, "True or False"),
+    "fmt": ((str,), "a format name such as 'int', 'uint', 'nf4' (or a Format)"),
+    "group_size": ((int, str), "a positive integer, 'auto', 'channel' or 'tensor'"),
+    "scale_dtype": ((str,), "a dtype name such as 'float16'"),
+}
+"""The type of every quantizer hyper-parameter that has a fixed one, checked when a transform is
+built (``quant.rtn(bits="4")`` fails there, not deep inside the first call). Ranges and
+combinations are checked by the method on the leaf's abstract shape (:func:`check_quantizable`)."""
+
+
+def _type_ok(k: str, v) -> bool:
+    from .formats import Format
+
+    if k not in PARAM_TYPES or v is None or (k == "fmt" and isinstance(v, Format)):
+        return True
+    if k == "scale_dtype" and not isinstance(v, str):
+        return hasattr(v, "dtype") or isinstance(v, type)  # jnp.float16 / np.dtype spellings
+    types, _ = PARAM_TYPES[k]
+    return isinstance(v, types) and (bool in types or not isinstance(v, bool))
+
+
 def check_parameters(name: str, hp: dict) -> None:
-    """TypeError (typed, naming the method and what it takes) for unknown hyper-parameters."""
+    """:class:`QuantizationParameterError` (a TypeError naming the method) for unknown
+    hyper-parameters and values of the wrong type."""
     entry = METHODS[name]
     known = entry.parameters
     bad = [k for k in hp if k not in known]
     if bad:
         raise QuantizationParameterError(f"{name} does not take {bad}; it takes {list(known)}")
+    for k, v in hp.items():
+        if not _type_ok(k, v):
+            raise QuantizationParameterError(f"{name}: {k} must be {PARAM_TYPES[k][1]}, got {v!r} "
+                                             f"({type(v).__name__})")
 
 
 def check_quantizable(path: str, x, quantize_leaf: Callable[[Any], Any]) -> None:
