@@ -324,7 +324,7 @@ def test_bad_input_typed_errors():
         merge.slerp(base, ms[0], t=0.5)  # a hurried user's (base, other): models must be a list or a stack
     with pytest.raises(MergeError, match="needs the parameter 't'"):
         merge.slerp(base, [ms[0]])
-    with pytest.raises(MergeError, match="t must be a number in"):
+    with pytest.raises(MergeError, match="parameter 't' must be a finite number in"):
         merge.slerp(base, [ms[0]], t=1.5)
     with pytest.raises(MergeError, match="base=None"):
         merge.linear(base, ms)

@@ -201,7 +201,7 @@ def test_config_errors_name_the_line(tmp_path, bad, match):
 
 def test_model_level_errors_before_any_work(tmp_path, ckpts):
     bad_density = cfg_text(tmp_path).replace("density: [0.2, 0.8]", "density: 1.5")
-    with pytest.raises(MergeError, match=r":\d+: density must be in"):
+    with pytest.raises(MergeError, match=r":\d+: ties parameter .density. must be a finite number in \(0, 1\]"):
         parse_config(bad_density)
     from weightlab.merge.stream import run_merge
     missing = parse_config(cfg_text(tmp_path).replace(f"{tmp_path / 'b'}\n", f"{tmp_path / 'nope'}\n"))

@@ -32,7 +32,7 @@ _TOOLS = {
     **{n: "masking" for n in ("EMRResult", "emr", "tall_masks")},
 }
 _SUBMODULES = {"steps", "methods", "lora", "peft", "learned", "fisher", "regression", "continual", "masking", "spherical",
-               "subspace", "config", "plan", "stream", "registry", "stats", "cli"}
+               "subspace", "config", "plan", "stream", "registry", "stats", "cli", "params", "yamlsafe"}
 
 
 def _method_names():

@@ -12,26 +12,48 @@ the model's own parameters, then the global ``parameters``, then the method's de
 Every output layer is the merge of its sources' corresponding layers with ``merge_method``
 (``passthrough`` with one source per slice = a frankenmerge); gradients run over each slice's own
 layers; embeddings come from the first slice's sources and the final norm / ``lm_head`` from the last
-slice's (as mergekit). Every problem is reported as a :class:`MergeError` naming the config line.
+slice's (as mergekit).
+
+Stricter than mergekit, so a config never silently means something else: unknown keys anywhere are
+errors (with a did-you-mean), keys mergekit knows that we do not support yet (``tokenizer_source``,
+``tokenizer``, ``chat_template``, ``modules``; a slice's ``base_model``/``residual_weight``) are
+refused by name, duplicate keys are refused (:mod:`.yamlsafe`), every parameter value — each
+gradient element and condition value included — must fit the method's schema (:mod:`.params`;
+booleans must be YAML booleans), a parameter that is not per-model may not sit under a model, and
+``base_model`` is refused for methods that do not use one (mergekit would average it in).
+Every problem is a :class:`MergeError` naming ``source:line``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
+from . import yamlsafe
+from .params import problem, spec
 from .registry import METHODS, check_count
 
-__all__ = ["MergeConfig", "load_config", "parse_config", "evaluate_setting", "method_parameters"]
+__all__ = ["MergeConfig", "load_config", "parse_config", "evaluate_setting", "method_parameters", "DTYPES"]
 
 # mergekit parameter name -> our keyword; "int8_mask" only changes mergekit's memory use.
 _RENAME = {"lambda": "lambda_"}
 _YAML = {v: k for k, v in _RENAME.items()}
 _IGNORED = {"int8_mask"}
+
+#: ``dtype`` / ``out_dtype`` spellings -> canonical numpy names.
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
+
+_TOP = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
+_NOT_YET = "weightlab merges tensors only; remove it and copy the tokenizer / template files you want"
+_TOP_LATER = {"modules": "use 'models' or 'slices'", "tokenizer_source": _NOT_YET, "tokenizer": _NOT_YET,
+              "chat_template": _NOT_YET}
+_SLICE_LATER = {"base_model": "give base_model at the top level", "residual_weight": "no residual mixing yet"}
 
 
 def yaml_methods() -> list[str]:
@@ -97,6 +119,7 @@ class MergeConfig:
     text: str
     source: str
     slices: list[SliceDef] | None = None
+    line: int = 1  # where the models (or this slice) are listed: plan-time errors point here
 
     @property
     def recipe_hash(self) -> str:
@@ -122,7 +145,7 @@ class MergeConfig:
         """The configuration of slice ``i``: its sources as the models, slice parameters over globals."""
         sl = self.slices[i]
         return dataclasses.replace(self, models=sl.sources, parameters={**self.parameters, **sl.parameters},
-                                   slices=None)
+                                   slices=None, line=sl.line)
 
     def parameter(self, name: str, tensor: str, t: float, model: str | None = None, default: Any = None) -> Any:
         if model is not None:
@@ -138,73 +161,105 @@ class MergeConfig:
         return default
 
 
-def _line(node_map, key: str, default: int = 1) -> int:
-    for k, v in node_map:
-        if getattr(k, "value", None) == key:
-            return k.start_mark.line + 1
-    return default
-
-
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a mergekit YAML config file."""
     p = Path(path)
     if not p.is_file():
         raise MergeError(f"{p}: no such config file")
-    return parse_config(p.read_text(), str(p))
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError(f"{p}: unreadable config file ({e})") from None
+    return parse_config(text, str(p))
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """What validating one config needs: where errors point, the method and its parameters."""
+    source: str
+    method: str = ""
+    allowed: frozenset = frozenset()
+    per_model: frozenset = frozenset()
+
+    def fail(self, node, msg: str):
+        yamlsafe.fail(self.source, node, msg)
 
 
 def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     """Parse and validate mergekit YAML text; errors name ``source:line``."""
-    import yaml
-
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeError(f"{source}: unreadable YAML: {e}") from None
-    if not isinstance(data, dict) or root is None:
-        raise MergeError(f"{source}: expected a mapping at the top level")
-    top = root.value
-    where = lambda key: f"{source}:{_line(top, key)}"
-    if "modules" in data:
-        raise MergeError(f"{where('modules')}: 'modules' is not supported yet; use 'models'")
+    root, data = yamlsafe.load(text, source)
+    ctx = _Ctx(source)
+    if not isinstance(data, dict):
+        ctx.fail(root, "expected a mapping at the top level (merge_method, models, parameters ...)")
+    yamlsafe.check_keys(source, data, root, _TOP, "the top level", _TOP_LATER)
+    node = lambda key: yamlsafe.child(root, key)
+    where = lambda key: f"{source}:{yamlsafe.key_line(root, key)}"
     method = data.get("merge_method")
     if method is None:
-        raise MergeError(f"{source}: missing 'merge_method'")
-    if method not in yaml_methods():
-        hint = " (it does not work tensor by tensor: call it from Python)" if method in METHODS else ""
+        ctx.fail(root, "missing 'merge_method'")
+    if not isinstance(method, str) or method not in yaml_methods():
+        known = isinstance(method, str) and method in METHODS
+        hint = " (it does not work tensor by tensor: call it from Python)" if known else ""
+        close = difflib.get_close_matches(str(method), yaml_methods(), n=1)
+        hint += f" (did you mean {close[0]!r}?)" if close and not hint else ""
         raise MergeError(f"{where('merge_method')}: unknown merge_method {method!r}{hint}; known: "
                          f"{sorted(yaml_methods())}")
-    allowed = method_parameters(method)
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise MergeError(f"{where('parameters')}: 'parameters' must be a mapping")
-    for k in params:
-        if k not in allowed:
-            raise MergeError(f"{where('parameters')}: {method} has no parameter {k!r} (it takes {sorted(allowed)})")
+    entry = METHODS[method]
+    ctx.method, ctx.allowed = method, frozenset(method_parameters(method))
+    ctx.per_model = frozenset(_YAML.get(n, n) for n in entry.per_model if n in entry.parameters)
+    params = _parse_params(ctx, data.get("parameters"), node("parameters"), "global")
+    for key in ("dtype", "out_dtype"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, str) or v not in DTYPES):
+            ctx.fail(node(key), f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
+    base = data.get("base_model")
+    if base is not None and (not isinstance(base, str) or not base):
+        ctx.fail(node("base_model"), f"base_model must be a model path (a string), got {base!r}")
     if "slices" in data and "models" in data:
         raise MergeError(f"{where('slices')}: give either 'slices' or 'models', not both")
-    slices = _parse_slices(data["slices"], _node(top, "slices"), source, method, allowed) if "slices" in data else None
-    entries = [] if slices else _parse_models(data.get("models") or [], _node(top, "models"), source, where('models'),
-                                              method, allowed, "models")
-    entry = METHODS[method]
-    required = {_YAML.get(n, n) for n in entry.required}
-    for e in entries + [m for sl in slices or [] for m in sl.sources]:  # e.g. nuslerp's weight, slerp's t
-        for r in sorted(required):
-            if r not in e.parameters and r not in params and not (slices and any(r in sl.parameters for sl in slices)):
-                raise MergeError(f"{source}:{e.line}: {method} needs {r!r} (for every model, or in the global "
-                                 "parameters)")
-    base = data.get("base_model")
+    if "slices" in data:
+        slices = _parse_slices(ctx, data["slices"], node("slices"))
+        entries, line = [], yamlsafe.key_line(root, "slices")
+    else:
+        if "models" not in data:
+            ctx.fail(root, "missing 'models' (or 'slices'): the checkpoints to merge")
+        slices, line = None, yamlsafe.key_line(root, "models")
+        entries = _parse_models(ctx, data["models"], node("models"), "models", line, ranged=False)
     if entry.base == "required" and not base:
-        raise MergeError(f"{source}: merge_method {method} needs a base_model")
+        ctx.fail(root, f"merge_method {method} needs a base_model")
+    if entry.base == "unused" and base and base not in [m.model for m in entries] + \
+            [m.model for sl in slices or [] for m in sl.sources]:
+        raise MergeError(f"{where('base_model')}: {method} does not use a base_model (it merges the listed models "
+                         "only; mergekit would average the base in): remove base_model or list it under models")
     for sl in slices or []:
-        if entry.base == "required" and str(base) not in [m.model for m in sl.sources]:
+        if entry.base == "required" and base not in [m.model for m in sl.sources]:
             raise MergeError(f"{source}:{sl.line}: base_model {base} must be one of this slice's sources")
-        _check_count(entry, [m.model for m in sl.sources], str(base) if base else None, f"{source}:{sl.line}")
+        _check_count(entry, [m.model for m in sl.sources], base, f"{source}:{sl.line}")
     if not slices:
-        _check_count(entry, [m.model for m in entries], str(base) if base else None, where("models"))
-    return MergeConfig(method, str(base) if base else None, entries, dict(params), data.get("dtype"),
-                       data.get("out_dtype"), text, source, slices)
+        _check_count(entry, [m.model for m in entries], base, f"{source}:{line}")
+    _check_required(ctx, entry, params, entries, slices, base, root)
+    return MergeConfig(method, base, entries, params, data.get("dtype"), data.get("out_dtype"), text, source, slices,
+                       line)
+
+
+def _check_required(ctx, entry, params, entries, slices, base, root) -> None:
+    """Parameters without a default (slerp's ``t``, nuslerp's ``weight``) must be given: for every
+    merged model (per-model ones), in the global parameters or in every slice's."""
+    for r in sorted(_YAML.get(n, n) for n in entry.required if n in entry.parameters):
+        if r in params:
+            continue
+        groups = [(sl.parameters, sl.sources, sl.line) for sl in slices] if slices else [({}, entries, None)]
+        for sp, models, sline in groups:
+            if r in sp:
+                continue
+            if r in ctx.per_model:
+                for m in models:
+                    if m.model != base and r not in m.parameters:
+                        raise MergeError(f"{ctx.source}:{m.line}: {ctx.method} needs {r!r} for every model (here, "
+                                         "in the slice or in the global parameters)")
+            else:
+                raise MergeError(f"{ctx.source}:{sline or yamlsafe.line(root)}: {ctx.method} needs the parameter "
+                                 f"{r!r} (in the global parameters{' or every slice' if slices else ''})")
 
 
 def _check_count(entry, models: list[str], base: str | None, where: str) -> None:
@@ -213,64 +268,114 @@ def _check_count(entry, models: list[str], base: str | None, where: str) -> None
     check_count(entry.name, entry.base, entry.count, n, where)
 
 
-def _node(top, key):
-    return next((v for k, v in top if getattr(k, "value", None) == key), None)
+def _parse_params(ctx: _Ctx, raw, node, scope: str) -> dict:
+    """A ``parameters`` mapping: known names, per-model ones only under a model, every value checked."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        ctx.fail(node, f"'parameters' must be a mapping (name: value), got {type(raw).__name__}")
+    for k, v in raw.items():
+        knode, vnode = yamlsafe.key_line(node, k), yamlsafe.child(node, k)
+        if k not in ctx.allowed:
+            close = difflib.get_close_matches(str(k), sorted(ctx.allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MergeError(f"{ctx.source}:{knode}: {ctx.method} has no parameter {k!r}{hint} (it takes "
+                             f"{sorted(ctx.allowed)})")
+        if scope == "model" and k not in ctx.per_model:
+            raise MergeError(f"{ctx.source}:{knode}: {ctx.method}'s {k!r} is not a per-model parameter: give it in the "
+                             "top-level (or slice) parameters")
+        _check_setting(ctx, k, v, vnode if vnode is not None else node)
+    return dict(raw)
 
 
-def _check_params(mp, source, line, method, allowed):
-    if not isinstance(mp, dict):
-        raise MergeError(f"{source}:{line}: 'parameters' must be a mapping")
-    for k in mp:
-        if k not in allowed:
-            raise MergeError(f"{source}:{line}: {method} has no parameter {k!r} (it takes {sorted(allowed)})")
-    if "density" in mp:
-        d = mp["density"]
-        vals = [d] if isinstance(d, (int, float)) else [x for x in d if isinstance(x, (int, float))] \
-            if isinstance(d, list) else []
-        if any(not 0 < float(v) <= 1 for v in vals):
-            raise MergeError(f"{source}:{line}: density must be in (0, 1], got {d!r}")
+def _check_setting(ctx: _Ctx, name: str, value, node, in_condition: bool = False) -> None:
+    """One parameter setting (mergekit's forms): every value in it must fit the schema."""
+    arg = _RENAME.get(name, name)
+    p = spec(ctx.method, arg)
+    what = f"{ctx.method} parameter {name!r}"
+    forms = "a value, a gradient (list of numbers) or a list of {filter, value} conditions"
+    if value is None:
+        ctx.fail(node, f"{what} has no value")
+    if isinstance(value, dict):
+        ctx.fail(node, f"{what} must be {forms}, got a mapping")
+    if not isinstance(value, list):
+        bad = problem(ctx.method, arg, value, yaml=True)
+        if bad:
+            ctx.fail(node, f"{what} {bad}")
+        return
+    if not value:
+        ctx.fail(node, f"{what} is an empty list")
+    if all(isinstance(e, dict) for e in value) and not in_condition:
+        for i, cond in enumerate(value):
+            cnode = yamlsafe.item(node, i)
+            yamlsafe.check_keys(ctx.source, cond, cnode, ("filter", "value"), f"a condition of {name!r}")
+            if "value" not in cond:
+                ctx.fail(cnode, f"a condition of {name!r} needs a 'value'")
+            f = cond.get("filter")
+            if f is not None and not isinstance(f, str):
+                ctx.fail(yamlsafe.child(cnode, "filter"), f"a filter must be a string (a part of tensor names), got {f!r}")
+            _check_setting(ctx, name, cond["value"], yamlsafe.child(cnode, "value") or cnode, in_condition=True)
+        return
+    for i, e in enumerate(value):
+        enode = yamlsafe.item(node, i)
+        if isinstance(e, (dict, list)) or e is None:
+            ctx.fail(enode, f"{what} must be {forms}" + (" (a condition's value is a value or a gradient)"
+                                                         if in_condition else "") + f", got the element {e!r}")
+        bad = problem(ctx.method, arg, e, yaml=True)
+        if bad:
+            ctx.fail(enode, f"{what} {bad}")
+    if len(value) > 1 and p is not None and p.kind != "float":
+        ctx.fail(node, f"{what} must be {p.describe()}: a gradient (a list of values) only works for numbers")
 
 
-def _parse_models(raw, node, source, where, method, allowed, what, ranged=False) -> list[ModelEntry]:
+def _parse_models(ctx: _Ctx, raw, node, what: str, line: int, ranged: bool) -> list[ModelEntry]:
     if not isinstance(raw, list) or not raw:
-        raise MergeError(f"{where}: '{what}' must be a non-empty list")
+        raise MergeError(f"{ctx.source}:{yamlsafe.line(node, line)}: '{what}' must be a non-empty list")
+    keys = ("model", "layer_range", "parameters") if ranged else ("model", "parameters")
     entries = []
     for i, m in enumerate(raw):
-        line = node.value[i].start_mark.line + 1 if node is not None and hasattr(node, "value") else 1
-        if not isinstance(m, dict) or "model" not in m:
-            raise MergeError(f"{source}:{line}: each entry of '{what}' needs a 'model' path")
-        mp = m.get("parameters") or {}
-        _check_params(mp, source, line, method, allowed)
+        mnode = yamlsafe.item(node, i)
+        if not isinstance(m, dict):
+            ctx.fail(mnode, f"each entry of '{what}' must be a mapping with a 'model' path, got {m!r}")
+        yamlsafe.check_keys(ctx.source, m, mnode, keys, f"an entry of '{what}'")
+        if "model" not in m:
+            ctx.fail(mnode, f"each entry of '{what}' needs a 'model' path")
+        ref = m["model"]
+        if not isinstance(ref, str) or not ref:
+            ctx.fail(yamlsafe.child(mnode, "model") or mnode, f"'model' must be a path (a string), got {ref!r}")
+        mp = _parse_params(ctx, m.get("parameters"), yamlsafe.child(mnode, "parameters") or mnode, "model")
         lr = None
         if ranged:
             lr = m.get("layer_range")
-            if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(v, int) for v in lr)
+            if (not isinstance(lr, list) or len(lr) != 2 or not all(type(v) is int for v in lr)
                     or not 0 <= lr[0] < lr[1]):
-                raise MergeError(f"{source}:{line}: layer_range must be [start, end) with 0 <= start < end, "
-                                 f"got {lr!r}")
+                ctx.fail(yamlsafe.child(mnode, "layer_range") or mnode,
+                         f"layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
             lr = (lr[0], lr[1])
-        entries.append(ModelEntry(str(m["model"]), dict(mp), line, lr))
+        twin = next((e for e in entries if e.model == ref), None)
+        if twin is not None:  # parameters are looked up by model path: the second entry's would be ignored
+            ctx.fail(mnode, f"model {ref!r} is listed twice in '{what}' (first at line {twin.line})")
+        entries.append(ModelEntry(ref, mp, yamlsafe.line(mnode), lr))
     return entries
 
 
-def _parse_slices(raw, node, source, method, allowed) -> list[SliceDef]:
-    line0 = node.start_mark.line + 1 if node is not None else 1
+def _parse_slices(ctx: _Ctx, raw, node) -> list[SliceDef]:
     if not isinstance(raw, list) or not raw:
-        raise MergeError(f"{source}:{line0}: 'slices' must be a non-empty list")
+        ctx.fail(node, "'slices' must be a non-empty list")
     out = []
     for i, sl in enumerate(raw):
-        snode = node.value[i] if node is not None else None
-        line = snode.start_mark.line + 1 if snode is not None else line0
-        if not isinstance(sl, dict) or "sources" not in sl:
-            raise MergeError(f"{source}:{line}: each slice needs 'sources'")
-        src_node = _node(snode.value, "sources") if snode is not None else None
-        sources = _parse_models(sl["sources"], src_node, source, f"{source}:{line}", method, allowed, "sources",
-                                ranged=True)
+        snode = yamlsafe.item(node, i)
+        if not isinstance(sl, dict):
+            ctx.fail(snode, f"each slice must be a mapping with 'sources', got {sl!r}")
+        yamlsafe.check_keys(ctx.source, sl, snode, ("sources", "parameters"), "a slice", _SLICE_LATER)
+        if "sources" not in sl:
+            ctx.fail(snode, "each slice needs 'sources'")
+        line = yamlsafe.line(snode)
+        sources = _parse_models(ctx, sl["sources"], yamlsafe.child(snode, "sources"), "sources", line, ranged=True)
         lengths = {m.layer_range[1] - m.layer_range[0] for m in sources}
         if len(lengths) != 1:
-            raise MergeError(f"{source}:{line}: all sources of a slice need the same number of layers, got "
-                             f"{[m.layer_range for m in sources]}")
-        params = sl.get("parameters") or {}
-        _check_params(params, source, line, method, allowed)
-        out.append(SliceDef(sources, dict(params), line))
+            ctx.fail(snode, f"all sources of a slice need the same number of layers, got "
+                            f"{[list(m.layer_range) for m in sources]}")
+        params = _parse_params(ctx, sl.get("parameters"), yamlsafe.child(snode, "parameters") or snode, "slice")
+        out.append(SliceDef(sources, params, line))
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _lazy, tree as wtree
-from ..errors import MergeError
 from .registry import inputs, merge_method
 
 jax = _lazy.module("jax")
@@ -81,18 +80,12 @@ def _fold(base, merged, lambda_t, norm_sum, count, model, alpha):
     return new, acc_norm / avg, norm_sum
 
 
-def _check_alpha(alpha):
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise MergeError(f"opcm: alpha must be in [0, 1], got {alpha!r}")
-
-
 def _init(params) -> OPCMState:
     return OPCMState(params, jnp.float32(1.0), jnp.float32(0.0), jnp.int32(0))
 
 
 def _step(merged, state: OPCMState, models, *, alpha: float = 0.5):
     """Transform step: validate ``models`` (list or stacked) and fold them into ``merged``."""
-    _check_alpha(alpha)
     return _fold_all(merged, state, inputs(state.base, models, name="opcm").models, alpha)
 
 
@@ -115,6 +108,5 @@ def _fold_all(merged, state: OPCMState, stacked, alpha):
 @merge_method("opcm", stream=False, continual=(_init, _step), paper="Tang et al. 2025 (OPCM)")
 def opcm(base, models, *, alpha: float = 0.5):
     """OPCM over ``models`` in the given order: each projected away from what is already merged."""
-    _check_alpha(alpha)
     merged, _ = _fold_all(base, _init(base), models, alpha)  # models: already validated and stacked
     return merged

@@ -167,8 +167,8 @@ def consensus(base, models, *, k: int = 2, tall_mask_lambda: float = 0.6, lambda
     """Consensus merging: ``base + lambda * 1[#{t: m_t} >= k] * tau_MTL`` (drops "selfish" and
     "catastrophic" weights that fewer than ``k`` tasks use)."""
     stacked, n = models, wtree.num_models(models)
-    if not 0 <= k <= n:
-        raise MergeError(f"consensus k must be in [0, {n}], got {k}")
+    if k > n:
+        raise MergeError(f"consensus: k must be at most the number of models ({n}), got {k}")
     pairs = _tall(base, stacked, tall_mask_lambda, multitask)
 
     def one(b, p):
@@ -256,14 +256,10 @@ def pcb(base, models, *, pcb_ratio: float = 0.1, weight=1.0, lambda_: float = 1.
     ``pcb_ratio``: fraction of each model's entries that keep a non-zero score. ``weight``: per-model
     coefficients (the paper searches them with an evolution strategy; 1 = plain PCB)."""
     stacked, n = models, wtree.num_models(models)
-    if not 0 < pcb_ratio <= 1:
-        raise MergeError(f"pcb_ratio must be in (0, 1], got {pcb_ratio}")
     w = jnp.asarray(per_model(weight, n, "weight"), jnp.float32)
     if scope == "tensor":
         return _apply(base, stacked, lambda p, tau: lambda_ * _pcb_flat(tau.reshape(n, -1), w, pcb_ratio)
                       .reshape(tau.shape[1:]))
-    if scope != "global":
-        raise MergeError(f"scope must be 'tensor' or 'global', got {scope!r}")
     flat_b, _ = wtree.flatten_with_paths(base)
     flat_s = jax.tree.leaves(stacked)
     arrays = [(b, s) for (p, b), s in zip(flat_b, flat_s) if wtree.is_array(b)]

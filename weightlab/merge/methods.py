@@ -21,7 +21,8 @@ import numpy as np
 from .. import _lazy, tree as wtree
 from ..errors import MergeError
 from . import steps
-from .registry import inputs, merge_method, per_model
+from .params import check_hyperparameters
+from .registry import Fast, inputs, merge_method, normalized_weights, per_model
 
 jax = _lazy.module("jax")
 jnp = _lazy.module("jax.numpy")
@@ -38,25 +39,30 @@ def first(stacked):
     return jax.tree.map(lambda x: x[0] if wtree.is_array(x) else x, stacked)
 
 
+def _della_window(density, epsilon, n: int | None = None) -> None:
+    """DELLA's keep probabilities ``density +- epsilon`` must stay inside (0, 1)."""
+    n = n or max(int(np.size(density)), int(np.size(epsilon)), 1)
+    dens, eps = per_model(density, n, "density"), per_model(epsilon, n, "epsilon")
+    if np.any(dens < 1) and np.any((dens + eps >= 1) | (dens - eps <= 0)):
+        raise MergeError(f"epsilon must keep density +- epsilon inside (0, 1), got density {dens.tolist()} and "
+                         f"epsilon {eps.tolist()}")
+
+
+def _check_della(hp: dict) -> None:
+    _della_window(hp["density"], hp["epsilon"])
+
+
 def _gta(base, stacked, *, weight=1.0, density=1.0, sparsification=None, consensus=None, normalize=False,
          rescale=None, lambda_=1.0, gamma=0.01, epsilon=0.15, key=None, scope: str = "tensor", threshold=None):
     """The task-vector pipeline on validated inputs (see :func:`generalized_task_arithmetic`)."""
     n = wtree.num_models(stacked)
     w, dens = per_model(weight, n, "weight"), per_model(density, n, "density")
     gam, eps = per_model(gamma, n, "gamma"), per_model(epsilon, n, "epsilon")
-    if np.any(dens <= 0) or np.any(dens > 1):
-        raise MergeError(f"density must be in (0, 1], got {density}")
     norm = "l1" if rescale is True else (None if rescale is False else rescale)  # bool = mergekit's switch
-    if norm not in (None, "l1", "l2", "linf", "inverse"):
-        raise MergeError(f"rescale must be true/false or one of 'l1', 'l2', 'linf', 'inverse', got {rescale!r}")
-    if consensus not in (None, "sum", "count"):
-        raise MergeError(f"consensus must be 'sum' or 'count', got {consensus!r}")
     if sparsification in ("random", "della_magprune") and key is None and np.any(dens < 1):
         raise MergeError(f"{sparsification} sparsification is random: pass key=jax.random.key(...)")
-    if sparsification == "della_magprune" and np.any((dens + eps >= 1) | (dens - eps <= 0)) and np.any(dens < 1):
-        raise MergeError("epsilon must keep density +- epsilon inside (0, 1)")
-    if scope not in ("tensor", "global"):
-        raise MergeError(f"scope must be 'tensor' or 'global', got {scope!r}")
+    if sparsification == "della_magprune":
+        _della_window(dens, eps, n)
     thresholds = None if threshold is None else jnp.asarray(threshold, jnp.float32).reshape(n)
     if scope == "global" and sparsification == "magnitude" and thresholds is None:
         deltas = [s - b[None] for (p, b), s in zip(wtree.flatten_with_paths(base)[0], jax.tree.leaves(stacked))
@@ -95,42 +101,54 @@ def generalized_task_arithmetic(base, models, *, key=None, **hp):
     instead of per-tensor top-k (the streaming engine computes them on the host)."""
     if "lambda" in hp:
         hp["lambda_"] = hp.pop("lambda")
+    check_hyperparameters("generalized_task_arithmetic", hp, set(_GTA))
     x = inputs(base, models, name="generalized_task_arithmetic")
     return _gta(x.base, x.models, key=key, **hp)
 
 
+def _linear_applies(kw: dict, has_base: bool) -> bool:
+    return not set(kw) - {"weight", "normalize"}
+
+
 def _linear_fast(block: np.ndarray, kw: dict, has_base: bool):
-    """In-place float32 numpy ``linear`` (mergekit's operation order: sum of w_i x_i, then / sum w)."""
-    if set(kw) - {"weight", "normalize"}:
-        return None
+    """In-place numpy ``linear`` in the block's dtype: the weights are normalised first (in float64),
+    then ``sum_i (w_i / sum w) x_i`` is accumulated, so the sum cannot overflow before the division."""
     n = block.shape[0]
-    w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (n,))
+    w = per_model(kw.get("weight", 1.0), n, "weight")
+    if kw.get("normalize", True):
+        w = normalized_weights(w, n, "linear")
+    w = w.astype(block.dtype)
     acc = block[0]
     acc *= w[0]
     for i in range(1, n):
         block[i] *= w[i]
         acc += block[i]
-    if kw.get("normalize", True):
-        acc /= np.float32(w.sum())
     return acc
 
 
+def _task_arithmetic_applies(kw: dict, has_base: bool) -> bool:
+    return has_base and not kw.get("normalize") and not set(kw) - {"weight", "lambda_", "normalize"}
+
+
 def _task_arithmetic_fast(block: np.ndarray, kw: dict, has_base: bool):
-    """In-place float32 numpy plain task arithmetic (base first in ``block``)."""
-    if set(kw) - {"weight", "lambda_", "normalize"} or kw.get("normalize") or not has_base:
-        return None
+    """In-place numpy plain task arithmetic in the block's dtype (base first in ``block``)."""
     base, models = block[0], block[1:]
-    w = np.broadcast_to(np.asarray(kw.get("weight", 1.0), np.float32), (models.shape[0],))
-    lam = np.float32(kw.get("lambda_", 1.0))
+    w = per_model(kw.get("weight", 1.0), models.shape[0], "weight") * float(kw.get("lambda_", 1.0))
     for i in range(models.shape[0]):
         models[i] -= base
-        models[i] *= np.float32(w[i]) * lam
+        models[i] *= w[i].astype(block.dtype)
     for i in range(models.shape[0]):
         base += models[i]
     return base
 
 
-@merge_method("task_arithmetic", per_model_params=_GTA, mergekit=True, fast=_task_arithmetic_fast,
+def _check_linear(hp: dict) -> None:
+    if hp["normalize"]:
+        normalized_weights(hp["weight"], None, "linear")
+
+
+@merge_method("task_arithmetic", per_model_params=_GTA, mergekit=True,
+              fast=Fast(_task_arithmetic_applies, _task_arithmetic_fast),
               paper="Ilharco et al. 2023")
 def task_arithmetic(base, models, *, weight=1.0, lambda_=1.0, normalize=False):
     """Task arithmetic: ``base + lambda * sum_i weight_i (theta_i - base)``."""
@@ -174,7 +192,7 @@ def breadcrumbs_ties(base, models, *, weight=1.0, density=1.0, gamma=0.01, lambd
                 consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@merge_method("della", per_model_params=_GTA, mergekit=True, paper="Deep et al. 2024")
+@merge_method("della", per_model_params=_GTA, mergekit=True, check=_check_della, paper="Deep et al. 2024")
 def della(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, normalize=True,
           rescale=True):
     """DELLA: magnitude-ranked drop probabilities, rescale, sign election."""
@@ -182,7 +200,7 @@ def della(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.15, lamb
                 consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_, key=key)
 
 
-@merge_method("della_linear", per_model_params=_GTA, mergekit=True, paper="Deep et al. 2024")
+@merge_method("della_linear", per_model_params=_GTA, mergekit=True, check=_check_della, paper="Deep et al. 2024")
 def della_linear(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.15, lambda_=1.0, normalize=False,
                  rescale=True):
     """DELLA sparsification, weighted sum without sign election."""
@@ -190,23 +208,22 @@ def della_linear(base, models, *, key=None, weight=1.0, density=1.0, epsilon=0.1
                 normalize=normalize, rescale=rescale, lambda_=lambda_, key=key)
 
 
-@merge_method("linear", base="unused", per_model_params=("weight",), mergekit=True, fast=_linear_fast,
-              paper="Wortsman et al. 2022 (model soups)")
+@merge_method("linear", base="unused", per_model_params=("weight",), mergekit=True,
+              fast=Fast(_linear_applies, _linear_fast), check=_check_linear, paper="Wortsman et al. 2022 (model soups)")
 def linear(base, models, *, weight=1.0, normalize=True):
-    """Weighted average ``sum w_i theta_i / sum w_i`` (``normalize=False``: the weighted sum)."""
+    """Weighted average ``sum w_i theta_i / sum w_i`` (``normalize=False``: the weighted sum).
+
+    The weights are normalised first (float64), then the weighted sum is accumulated in float32, so
+    large weights cannot overflow it; weights summing to ~0 are refused (``|sum w| <= 1e-6 sum |w|``)."""
     n = wtree.num_models(models)
-    w64 = per_model(weight, n, "weight")
-    if normalize and abs(w64.sum()) < 1e-12:
-        raise MergeError(f"linear: the weights {w64.tolist()} sum to zero; cannot normalise (normalize: false "
-                         "gives the plain weighted sum)")
+    w64 = normalized_weights(weight, n, "linear") if normalize else per_model(weight, n, "weight")
     w = jnp.asarray(w64, jnp.float32)
 
     def one(s):
         if not wtree.is_array(s):
             return s
         wb = w.reshape((n,) + (1,) * (s.ndim - 1))
-        r = steps.model_sum(wb * s.astype(jnp.float32))
-        return (r / jnp.sum(w) if normalize else r).astype(s.dtype)
+        return steps.model_sum(wb * s.astype(jnp.float32)).astype(s.dtype)
 
     return jax.tree.map(one, models)
 
@@ -215,8 +232,6 @@ def linear(base, models, *, weight=1.0, normalize=True):
 def sce(base, models, *, select_topk=1.0):
     """SCE: keep the ``select_topk`` fraction of entries with the largest variance across models,
     elect signs, weight each model by its mean squared task vector."""
-    if not 0 < select_topk <= 1:
-        raise MergeError(f"select_topk must be in (0, 1], got {select_topk}")
     n = wtree.num_models(models)
 
     def one(b, s):
@@ -253,16 +268,10 @@ def _slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     return jnp.where(jnp.abs(dot) > dot_threshold, (1 - t) * a + t * b, s0 * a + s1 * b)
 
 
-def _fraction(name, t):
-    if not isinstance(t, (int, float, np.floating, np.integer)) or isinstance(t, bool) or not 0 <= t <= 1:
-        raise MergeError(f"{name}: t must be a number in [0, 1], got {t!r}")
-
-
 @merge_method("slerp", count=(1, 1), mergekit=True, paper="Shoemake 1985; mergekit")
 def slerp(base, models, *, t):
     """Spherical interpolation per tensor from ``base`` (t=0) to the one model (t=1); linear when the
     tensors are nearly colinear (|cos| > 0.9995), as mergekit."""
-    _fraction("slerp", t)
     other = first(models)
     return jax.tree.map(lambda a, b: _slerp(t, a, b).astype(a.dtype) if wtree.is_array(a) else a, base, other)
 
@@ -271,8 +280,6 @@ def slerp(base, models, *, t):
 def nearswap(base, models, *, t):
     """NearSwap: take the model's value where it is within ``t`` of ``base``'s, interpolating by
     ``clip(t / |base - other|, 0, 1)``."""
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
-        raise MergeError(f"nearswap: t must be a number >= 0, got {t!r}")
     other = first(models)
 
     def one(a, b):
@@ -284,16 +291,14 @@ def nearswap(base, models, *, t):
     return jax.tree.map(one, base, other)
 
 
-@merge_method("karcher", base="unused", per_model_params=("weight",), mergekit=True, paper="Karcher 1977; mergekit")
+@merge_method("karcher", base="unused", per_model_params=("weight",), mergekit=True,
+              check=lambda hp: normalized_weights(hp["weight"], None, "karcher"), paper="Karcher 1977; mergekit")
 def karcher(base, models, *, weight=1.0, max_iter: int = 10, tol: float = 1e-5):
     """Riemannian (Karcher) mean of the unit directions, scaled by the weighted mean of the norms
     (mergekit's ``karcher``: fixed-point iterations on the sphere, equal weights; ``weight`` is our
     extension, normalised to sum to 1)."""
     n = wtree.num_models(models)
-    w64 = per_model(weight, n, "weight")
-    if abs(w64.sum()) < 1e-12:
-        raise MergeError("karcher: the weights sum to zero")
-    alphas = jnp.asarray(w64 / w64.sum(), jnp.float32)
+    alphas = jnp.asarray(normalized_weights(weight, n, "karcher"), jnp.float32)
 
     def one(s):
         if not wtree.is_array(s):

@@ -6,6 +6,14 @@ per-model parameters, fixed streaming arguments) comes from its registry entry.
 
 Layer position for gradient parameters: the first ``.<layers|layer|h|blocks>.<i>.`` index in a
 tensor name, ``t = i / (L - 1)``; other tensors use ``t = 0`` (as mergekit's pre/post weights).
+
+The plan also evaluates every planned tensor's parameters (gradients and filters included): a
+required parameter no filter covers, or a method's ``check`` failing for one tensor (linear weights
+summing to zero there), is an error naming the config line and the tensor. Non-float tensors must
+have one dtype in every model (their values are compared before merging). Output dtypes: ``dtype``
+/``out_dtype`` if given, else float64 when any source is float64, else the first source's dtype;
+float64 tensors are computed in float64 by a method's numpy fast path, otherwise in float32 (JAX
+x64 off), which the plan reports as a warning.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ import numpy as np
 from ..dtypes import is_floating
 from ..errors import MergeError
 from ..io.safetensors import Checkpoint
-from .config import _IGNORED, _RENAME, MergeConfig, method_parameters
-from .registry import METHODS
+from .config import _IGNORED, _RENAME, DTYPES, MergeConfig, method_parameters
+from .registry import METHODS, precheck
 
 __all__ = ["Job", "Plan", "plan", "order", "kwargs", "out_dtype"]
 
+_YAML_NAME = {v: k for k, v in _RENAME.items()}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _EMBED = re.compile(r"(embed|wte|word_embeddings|lm_head|output\.weight$)")
 
@@ -37,6 +46,9 @@ class Job:
     src: dict
     t: float
     cfg: MergeConfig
+    kw: dict | None = None  # the method's keyword arguments (None: a non-float tensor, copied)
+    dtype: np.dtype | None = None  # output dtype
+    compute: type = np.float32  # the read block's dtype (float64 on a fast path for float64 inputs)
 
 
 @dataclasses.dataclass
@@ -107,9 +119,6 @@ def _layer_t(name: str, num_layers: int) -> float:
 
 def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
     """Validate everything from the headers; raise :class:`MergeError` naming tensor and model."""
-    scope = config.parameters.get("scope", "tensor")
-    if scope not in ("tensor", "global"):
-        raise MergeError(f"{config.source}: scope must be 'tensor' or 'global', got {scope!r}")
     refs = config.model_paths()
     ref0 = config.base_model or refs[0]
     names = list(ckpts[ref0].keys())
@@ -144,8 +153,6 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
                                     f"{truncate[n]} rows (output keeps {ref0}'s shape, extra rows from {ref0})")
                     continue
                 raise MergeError(f"tensor '{n}': shape {tuple(s)} in {ref} vs {tuple(s0)} in {ref0}")
-            if not is_floating(d) and d != d0:
-                raise MergeError(f"tensor '{n}': dtype {d} in {ref} vs {d0} in {ref0}")
     layers = [int(m.group(1)) for n in names for m in [_LAYER.search(n)] if m]
     num_layers = max(layers) + 1 if layers else 1
     if config.slices:
@@ -154,18 +161,54 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
     else:
         refs_in_order = order(config)
         jobs = [Job(n, {r: n for r in refs_in_order}, _layer_t(n, num_layers), config) for n in names]
+    _prepare(jobs, ckpts, out_dtype(config.out_dtype or config.dtype), warnings)
     return Plan(config, [j.out for j in jobs], num_layers, warnings, truncate, jobs)
+
+
+def has_base(cfg: MergeConfig) -> bool:
+    """Whether the read block starts with a base row (see :func:`order`)."""
+    return METHODS[cfg.method].base != "unused" and cfg.base_model is not None
+
+
+def _prepare(jobs: list[Job], ckpts, to_dtype, warnings: list[str]) -> None:
+    """Per job: dtype rules, output and compute dtypes, and the parameters evaluated and checked."""
+    narrowed = []
+    for j in jobs:
+        dts = {ref: np.dtype(ckpts[ref].dtype(n)) for ref, n in j.src.items()}
+        floats = {ref: is_floating(d) for ref, d in dts.items()}
+        if not all(floats.values()):
+            if any(floats.values()) or len(set(dts.values())) > 1:
+                shown = ", ".join(f"{ref}: {d}" for ref, d in dts.items())
+                raise MergeError(f"tensor '{j.out}': a non-float tensor must have the same dtype in every model, "
+                                 f"got {shown}")
+            j.dtype = next(iter(dts.values()))
+            continue
+        wide = any(d == np.float64 for d in dts.values())
+        j.dtype = to_dtype or (np.dtype(np.float64) if wide else dts[order(j.cfg)[0]])
+        j.kw = kwargs(j.cfg, j.out, j.t)
+        try:
+            precheck(j.cfg.method, j.kw)
+        except MergeError as e:
+            raise MergeError(f"{j.cfg.source}:{j.cfg.line}: tensor '{j.out}': {e}") from None
+        if wide:
+            fast = METHODS[j.cfg.method].fast
+            if fast is not None and fast.applies(j.kw, has_base(j.cfg)):
+                j.compute = np.float64
+            else:
+                narrowed.append(j.out)
+    if narrowed:
+        warnings.append(f"{len(narrowed)} float64 tensors (e.g. '{narrowed[0]}') are merged in float32 (JAX's x64 "
+                        f"mode is off) and stored as {'float64' if to_dtype is None else to_dtype}")
 
 
 def out_dtype(name):
     """The numpy dtype of a config's ``dtype``/``out_dtype`` (None: keep each tensor's own)."""
     if name is None:
         return None
-    table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "fp32": np.float32,
-             "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
-    if name not in table:
-        raise MergeError(f"unsupported dtype {name!r} (use float32, float16 or bfloat16)")
-    return np.dtype(table[name])
+    if name not in DTYPES:
+        raise MergeError(f"unsupported dtype {name!r} (use one of {', '.join(DTYPES)})")
+    canon = DTYPES[name]
+    return np.dtype(ml_dtypes.bfloat16) if canon == "bfloat16" else np.dtype(canon)
 
 
 def order(cfg: MergeConfig) -> list[str]:
@@ -191,11 +234,16 @@ def kwargs(cfg: MergeConfig, name: str, t: float) -> dict:
             if any(v is not None for v in vals):
                 dflt = params[arg].default
                 if any(v is None for v in vals) and dflt is inspect.Parameter.empty:
-                    raise MergeError(f"{cfg.source}: {cfg.method} needs {p!r} for every model (tensor '{name}')")
+                    raise MergeError(f"{cfg.source}:{cfg.line}: {cfg.method} needs {p!r} for every model (no filter "
+                                     f"covers tensor '{name}')")
                 kw[arg] = [float(dflt) if v is None else float(v) for v in vals]
         else:
             v = cfg.parameter(p, name, t)
             if v is not None:
                 kw[arg] = v
+    missing = sorted(entry.required - set(kw) - set(entry.extras))
+    if missing:
+        raise MergeError(f"{cfg.source}:{cfg.line}: {cfg.method} needs {_YAML_NAME.get(missing[0], missing[0])!r} "
+                         f"(no filter covers tensor '{name}')")
     kw.update(dict(entry.stream_kwargs))
     return kw

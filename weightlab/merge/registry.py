@@ -12,6 +12,11 @@ namespace (``merge.ties``), :func:`transform` (the method as a :class:`~weightla
 taking ``models=``), the streaming YAML engine (model-count rule, per-model parameters, numpy fast
 path, host top-k), the CLI's method list and the README/docs tables.
 
+Hyper-parameter values are checked against the one schema (:mod:`.params`) before any work, and a
+method's ``check`` hook (e.g. linear's weights summing to zero) runs on the values with the
+defaults filled in. float64 inputs: JAX's default (x64 off) computes in float32, so the result is
+float32; the wrapper says so with a ``UserWarning`` (enable ``jax_enable_x64`` to keep float64).
+
 This module and the method modules load without JAX (:mod:`weightlab._lazy`), so validating a
 YAML config or running a linear merge never imports it.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -27,10 +33,12 @@ import numpy as np
 from .. import _lazy
 from ..errors import MergeError, MissingExtraError, StructureMismatchError
 from ..registry import Registry
+from .params import check_hyperparameters, check_schema_covers
 
 jax = _lazy.module("jax")
 
-__all__ = ["METHODS", "merge_method", "inputs", "check_count", "per_model", "transform", "mergekit_names", "dequantized"]
+__all__ = ["METHODS", "merge_method", "inputs", "check_count", "per_model", "transform", "mergekit_names", "dequantized",
+           "Fast", "normalized_weights", "precheck"]
 
 METHODS = Registry("merge", modules=("weightlab.merge.methods", "weightlab.merge.spherical", "weightlab.merge.masking",
                                      "weightlab.merge.subspace", "weightlab.merge.continual", "weightlab.merge.fisher",
@@ -47,6 +55,30 @@ def per_model(v, n: int, name: str) -> np.ndarray:
     if a.shape != (n,):
         raise MergeError(f"{name} needs one value or {n} values (one per model), got {np.shape(v)}")
     return a
+
+
+#: A weight sum this small relative to sum |w| cannot be normalised by (the normalised weights would
+#: exceed 1e6 in magnitude: float32 results would be noise).
+ZERO_SUM = 1e-6
+
+
+def normalized_weights(weight, n: int | None, name: str) -> np.ndarray:
+    """``weight`` (one value or one per model) divided by its sum, in float64; a :class:`MergeError`
+    when the sum is ~0 (``|sum w| <= 1e-6 * sum |w|``). ``n=None``: as many models as values."""
+    w = per_model(weight, n if n is not None else max(int(np.size(weight)), 1), "weight")
+    total = float(w.sum())
+    if not abs(total) > ZERO_SUM * float(np.abs(w).sum()):
+        raise MergeError(f"{name}: the weights {w.tolist()} sum to zero or nearly ({total:.3g}); cannot normalise "
+                         "by their sum (change the weights, or turn normalisation off)")
+    return w / total
+
+
+class Fast(NamedTuple):
+    """A method's in-place numpy evaluation for the streaming engine: ``applies(kw, has_base)`` says
+    whether ``run(block, kw, has_base)`` handles these keyword arguments (else the JAX path runs);
+    ``run`` works in the block's dtype (float32, or float64 for float64 checkpoints)."""
+    applies: Callable[[dict, bool], bool]
+    run: Callable[[np.ndarray, dict, bool], np.ndarray]
 
 
 def dequantized(x):
@@ -73,7 +105,8 @@ def check_count(name: str, base_rule: str, count, n: int, where: str | None = No
     lo, hi = count
     if n < lo or (hi is not None and n > hi):
         rule = f"exactly {lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-        what = "models" if base_rule == "unused" else "models besides the base"
+        noun = "model" if hi == 1 else "models"
+        what = noun if base_rule == "unused" else f"{noun} besides the base"
         raise MergeError(f"{where + ': ' if where else ''}{name} merges {rule} {what}, got {n}")
 
 
@@ -124,20 +157,22 @@ def inputs(base, models, *, name: str = "merge", base_rule: str = "required", co
 
 def merge_method(name: str | None = None, *, base: str = "required", count=(1, None), per_model_params=(),
                  mergekit: bool = False, stream: bool = True, stream_kwargs=(), host_topk: bool = False,
-                 fast: Callable | None = None, extras: Sequence[str] = (), continual=None, whole_model: bool = False,
-                 paper: str = ""):
+                 fast: Fast | None = None, extras: Sequence[str] = (), continual=None, whole_model: bool = False,
+                 check: Callable[[dict], None] | None = None, paper: str = ""):
     """Register ``fn(base, models, *, key=None, **hp)`` as a merge method (see the module docstring).
 
     ``base``: "required" | "optional" | "unused"; ``count``: (min, max or None) models besides the
     base; ``per_model_params``: hyper-parameters given once or once per model (YAML: per-model
     ``parameters``); ``stream``: works tensor by tensor (the YAML engine may use it); ``stream_kwargs``:
     what the engine always passes (HF ``(out, in)`` layouts ...); ``host_topk``: the engine computes
-    magnitude cut-offs on the host and passes ``threshold=``; ``fast(block, kw, has_base)``: an in-place
-    numpy evaluation for the engine (None when ``kw`` needs the general path); ``extras``: data inputs
-    the transform takes as apply-time extras (``fishers=``, ``grams=``); ``continual``: ``(init,
-    step)`` for methods that fold models in one at a time (the transform keeps their state);
+    magnitude cut-offs on the host and passes ``threshold=``; ``fast``: a :class:`Fast` in-place numpy
+    evaluation for the engine; ``extras``: data inputs the transform takes as apply-time extras
+    (``fishers=``, ``grams=``); ``continual``: ``(init, step)`` for methods that fold models in one at
+    a time (the transform keeps their state);
     ``whole_model``: the method runs the model (``apply_fn``), so it cannot work on a part of it
-    (its transform refuses to run under ``select``/``partition``).
+    (its transform refuses to run under ``select``/``partition``); ``check(hp)``: a validation of the
+    hyper-parameter values together (defaults filled in) beyond the per-value schema of :mod:`.params`,
+    run before any work by the Python API and, per tensor, at plan time by the YAML engine.
     """
     if base not in ("required", "optional", "unused"):
         raise ValueError(f"base must be 'required', 'optional' or 'unused', got {base!r}")
@@ -147,6 +182,10 @@ def merge_method(name: str | None = None, *, base: str = "required", count=(1, N
         sig = inspect.signature(fn)
         known = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
         required = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and p.default is p.empty}
+        defaults = {n: p.default for n, p in sig.parameters.items()
+                    if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and n not in _IMPLICIT}
+        check_schema_covers(key_name, known - set(_IMPLICIT) - set(extras))
+        per = frozenset(per_model_params)
 
         @functools.wraps(fn)
         def wrapper(base_model, models, *, key=None, **hp):
@@ -163,6 +202,10 @@ def merge_method(name: str | None = None, *, base: str = "required", count=(1, N
             missing = sorted(required - set(hp))
             if missing:
                 raise MergeError(f"{key_name} needs the parameter {missing[0]!r}")
+            check_hyperparameters(key_name, hp, per)
+            if check is not None:
+                check({**defaults, **{k: v for k, v in hp.items() if k != "key"}})
+            _warn_float64(key_name, base_model, models)
             x = inputs(base_model, models, name=key_name, base_rule=base, count=count)
             return fn(x.base, x.models, **hp)
 
@@ -171,10 +214,29 @@ def merge_method(name: str | None = None, *, base: str = "required", count=(1, N
                          mergekit=mergekit, stream=stream, stream_kwargs=tuple(stream_kwargs), host_topk=host_topk,
                          fast=fast, extras=tuple(extras), continual=continual, paper=paper, params_of=fn, doc_of=fn,
                          random="key" in known, whole_model=whole_model,
-                         implicit=_IMPLICIT + tuple(extras), required=frozenset(required))(wrapper)
+                         implicit=_IMPLICIT + tuple(extras), required=frozenset(required), check=check,
+                         defaults=defaults)(wrapper)
         return wrapper
 
     return deco
+
+
+def precheck(name: str, kw: dict) -> None:
+    """The method's ``check`` hook on ``kw`` with its defaults filled in (the YAML engine calls it
+    for every planned tensor)."""
+    entry = METHODS[name]
+    if entry.check is not None:
+        entry.check({**entry.defaults, **kw})
+
+
+def _warn_float64(name: str, *trees) -> None:
+    if jax.config.jax_enable_x64:
+        return
+    for t in trees:
+        if t is not None and any(getattr(x, "dtype", None) == np.float64 for x in jax.tree.leaves(t)):
+            warnings.warn(f"{name}: float64 inputs are merged and returned as float32 (JAX's x64 mode is off; "
+                          "jax.config.update('jax_enable_x64', True) keeps float64)", UserWarning, stacklevel=3)
+            return
 
 
 def mergekit_names() -> list[str]:
@@ -196,6 +258,9 @@ def transform(name: str, **hp):
     bad = sorted(set(hp) - set(entry.parameters) - {"lambda"})
     if bad:
         raise MergeError(f"{name} has no parameter {bad[0]!r} (it takes {sorted(entry.parameters)})")
+    spelled = {("lambda_" if k == "lambda" else k): v for k, v in hp.items()}
+    check_hyperparameters(name, spelled, entry.per_model)
+    precheck(name, spelled)
     if entry.continual is not None:
         init, step = entry.continual
         return WeightTransform(init, lambda params, state, **ex: step(params, state, _models(name, ex), **hp))

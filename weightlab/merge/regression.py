@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _lazy, tree as wtree
 from ..errors import MergeError
-from .registry import merge_method, per_model
+from .registry import merge_method, normalized_weights, per_model
 
 jnp = _lazy.module("jax.numpy")
 
@@ -29,6 +29,7 @@ def _gram(g, path):
 
 
 @merge_method("regmean", base="unused", per_model_params=("weight",), stream=False, extras=("grams",),
+              check=lambda hp: normalized_weights(hp["weight"], None, "regmean"),
               paper="Jin et al. 2023 (RegMean)")
 def regmean(base, models, *, grams: Sequence[dict], alpha: float = 0.9, weight=1.0):
     """RegMean: per linear layer ``W* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i``; other leaves weight-averaged.
@@ -39,8 +40,6 @@ def regmean(base, models, *, grams: Sequence[dict], alpha: float = 0.9, weight=1
     n = wtree.num_models(models)
     if len(grams) != n:
         raise MergeError(f"regmean needs one set of Gram matrices per model: {len(grams)} for {n} models")
-    if not 0 <= alpha <= 1:
-        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
     lam = per_model(weight, n, "weight")
 
     def one(p, x):

@@ -21,11 +21,9 @@ the arrays are concrete (inside ``jit`` the result is the linear fallback).
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import _lazy, tree as wtree
 from ..errors import MergeError
-from .registry import merge_method, per_model
+from .registry import merge_method, normalized_weights, per_model
 
 jax = _lazy.module("jax")
 jnp = _lazy.module("jax.numpy")
@@ -81,16 +79,18 @@ def nuslerp(base, models, *, weight, nuslerp_flatten: bool = True, nuslerp_row_w
     return wtree.map_with_path(one, models, base)
 
 
-@merge_method("multislerp", base="optional", per_model_params=("weight",), mergekit=True, paper="Goddard 2024")
+def _check_multislerp(hp: dict) -> None:
+    if hp["normalize_weights"]:
+        normalized_weights(hp["weight"], None, "multislerp")
+
+
+@merge_method("multislerp", base="optional", per_model_params=("weight",), mergekit=True, check=_check_multislerp,
+              paper="Goddard 2024")
 def multislerp(base, models, *, weight=1.0, normalize_weights: bool = True, eps: float = 1e-8):
     """Barycentric interpolation of N models on the hypersphere (per tensor), optionally of their
     task vectors from ``base``; ``weight``: one number or one per model."""
     n = wtree.num_models(models)
-    w = per_model(weight, n, "weight")
-    if normalize_weights:
-        if abs(w.sum()) < 1e-12:
-            raise MergeError("multislerp weights sum to zero; cannot normalise them")
-        w = w / w.sum()
+    w = normalized_weights(weight, n, "multislerp") if normalize_weights else per_model(weight, n, "weight")
     wj = jnp.asarray(w, jnp.float32)
 
     def one(path, s, *b):

@@ -7,6 +7,11 @@ appears atomically at the end; an interrupted merge leaves nothing that looks co
 names no method: it calls every method as ``fn(base, models, **kw)`` on one tensor, uses the
 method's numpy fast path when its entry declares one (linear, task arithmetic: no JAX at all), and
 computes magnitude cut-offs on the host for methods that declare ``host_topk``.
+
+Nothing non-finite is written: every input block and every output tensor (after the cast to its
+output dtype) is checked, one reduction pass each, and a NaN/Inf is a :class:`MergeError` naming
+the tensor. Non-float tensors (position ids ...) are copied only when every model has the same
+values; they are compared before the output is opened.
 """
 
 from __future__ import annotations
@@ -21,22 +26,24 @@ from ..dtypes import is_floating
 from ..errors import MergeError
 from ..io.shards import PlannedShardWriter
 from .config import MergeConfig
-from .plan import Job, Plan, kwargs, order, out_dtype, plan
+from .plan import Job, Plan, has_base, order, plan
 from .registry import METHODS
 from .stats import GlobalMagnitude, tensor_thresholds
 
 __all__ = ["run_merge"]
 
 
-def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shape: tuple, key, scratch,
-                  global_thr=None) -> np.ndarray:
-    """Merge one tensor; ``block`` holds the checkpoints of :func:`.plan.order` as (len, numel) float32."""
+def _merge_tensor(job: Job, block: np.ndarray, shape: tuple, key, scratch, global_thr=None) -> np.ndarray:
+    """Merge one tensor; ``block`` holds the checkpoints of :func:`.plan.order` as (len, numel) rows of
+    ``job.compute`` (float32, or float64 on a fast path)."""
+    cfg, name, kw = job.cfg, job.out, dict(job.kw)
     entry = METHODS[cfg.method]
-    kw = kwargs(cfg, name, t)
-    has_base = entry.base != "unused" and cfg.base_model is not None
-    fast = entry.fast(block, kw, has_base) if entry.fast is not None else None
-    if fast is not None:
-        return fast.reshape(shape)
+    base_row = has_base(cfg)
+    if entry.fast is not None and entry.fast.applies(kw, base_row):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the finite check
+            return entry.fast.run(block, kw, base_row).reshape(shape)
+    if block.dtype != np.float32:
+        block = block.astype(np.float32)
     import jax  # only methods that need it start JAX (a linear merge never does)
     import jax.numpy as jnp
 
@@ -53,7 +60,7 @@ def _merge_tensor(cfg: MergeConfig, name: str, t: float, block: np.ndarray, shap
         from .. import tree as wtree
 
         key_kw = wtree.leaf_key(jax.random.key(key) if isinstance(key, int) else key, name, "stream")
-    fn_j = _compiled(cfg.method, _freeze(kw), has_base)
+    fn_j = _compiled(cfg.method, _freeze(kw), base_row)
     out = fn_j(jnp.asarray(block.reshape((block.shape[0],) + tuple(shape))), key_kw, thr)
     return np.asarray(out["w"])
 
@@ -90,25 +97,37 @@ def _compiled(method: str, frozen, has_base: bool):
     return _CACHE[ck]
 
 
+def _finite(a: np.ndarray) -> bool:
+    """All finite, in one pass: a float sum is finite unless some entry is not (or the sum overflows,
+    then the exact elementwise test decides)."""
+    acc = np.float64 if a.dtype == np.float64 else np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.add.reduce(a.reshape(-1), dtype=acc)) or np.all(np.isfinite(a)))
+
+
 class _ReadPool:
     """Reusable read buffers: every tensor of every checkpoint is read (pread) into the same float32
-    block of ``sources x max_numel`` (plus one raw buffer for non-float32 inputs), so the merge loop
+    block of ``sources x max_numel`` (a float64 one for float64 jobs on a fast path; plus one raw
+    buffer for inputs of another dtype), so the merge loop
     touches no fresh memory per tensor; on this class of machine page faults on new buffers cost more
     than the reads themselves. The block for one job is (sources, numel), contiguous, in
     :func:`.plan.order` (base first)."""
 
     def __init__(self, ckpts, plan_: Plan):
         self.ckpts, self.truncate = ckpts, plan_.truncate
-        biggest, width, raw = 0, 1, 0
+        biggest, width, raw, wide = 0, 1, 0, 0
         for j in plan_.jobs:
             width = max(width, len(order(j.cfg)))
             for ref, n in j.src.items():
                 dt = np.dtype(ckpts[ref].dtype(n))
                 if is_floating(dt):
-                    biggest = max(biggest, int(np.prod(ckpts[ref].shape(n), dtype=np.int64)))
-                    if dt != np.float32 or j.out in plan_.truncate:
+                    numel = int(np.prod(ckpts[ref].shape(n), dtype=np.int64))
+                    biggest = max(biggest, numel)
+                    wide = max(wide, numel) if j.compute == np.float64 else wide
+                    if dt != j.compute or j.out in plan_.truncate:
                         raw = max(raw, dt.itemsize)
         self.block = np.empty(width * biggest, np.float32)
+        self.block64 = np.empty(width * wide, np.float64)
         self.scratch = np.empty(biggest if METHODS[plan_.config.method].host_topk else 0, np.float32)
         self.raw = np.empty(biggest * raw, np.uint8)
 
@@ -122,15 +141,30 @@ class _ReadPool:
             shape = full if rows is None else (rows,) + tuple(full[1:])
             k = int(np.prod(shape, dtype=np.int64))
             if i == 0:
-                blk = self.block[:len(refs) * k].reshape(len(refs), k)
-            if c.dtype(name) == np.float32 and rows is None:
+                pool = self.block64 if job.compute == np.float64 else self.block
+                blk = pool[:len(refs) * k].reshape(len(refs), k)
+            if c.dtype(name) == blk.dtype and rows is None:
                 c.read_into(name, blk[i])
             else:
                 a = c.read_into(name, self.raw)
                 np.copyto(blk[i], a[:rows].reshape(-1) if rows is not None else a.reshape(-1), casting="unsafe")
-            if not np.isfinite(np.add.reduce(blk[i], dtype=np.float32)) and not np.all(np.isfinite(blk[i])):
+            if not _finite(blk[i]):
                 raise MergeError(f"tensor '{name}' of {ref} has NaN/Inf values")
         return blk, shape
+
+
+def _same_nonfloat_values(p: Plan, ckpts) -> None:
+    """Compare every non-float tensor across its models: a MergeError naming the tensor and the
+    models where they differ (which one to keep is not ours to guess)."""
+    for j in p.jobs:
+        if j.kw is not None:
+            continue
+        refs = list(j.src)
+        first = ckpts[refs[0]].get(j.src[refs[0]])
+        for ref in refs[1:]:
+            if not np.array_equal(first, ckpts[ref].get(j.src[ref])):
+                raise MergeError(f"tensor '{j.out}' ({first.dtype}) differs between {refs[0]} and {ref}: a non-float "
+                                 "tensor cannot be merged and the models disagree on it")
 
 
 def _open(ref: str):
@@ -160,11 +194,11 @@ def _global_pass(cfg: MergeConfig, p: Plan, pool: "_ReadPool", progress: bool) -
     (see :mod:`.stats`); returns the per-model cut-offs used by the apply pass."""
     from tqdm import tqdm
 
-    jobs = [j for j in p.jobs if is_floating(pool.ckpts[order(j.cfg)[0]].dtype(j.src[order(j.cfg)[0]]))]
+    jobs = [j for j in p.jobs if j.kw is not None]
     dens = None
     for j in jobs:
         n = j.out
-        d = kwargs(j.cfg, n, j.t).get("density", [1.0] * (len(order(j.cfg)) - 1))
+        d = j.kw.get("density", [1.0] * (len(order(j.cfg)) - 1))
         if dens is not None and list(d) != list(dens):
             raise MergeError(f"scope: global needs one density per model for the whole model; '{n}' has {d}, "
                              f"earlier tensors {dens}")
@@ -187,7 +221,6 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
 
     if not dry_run:
         refuse_existing(out_dir, overwrite)
-    to_dtype = out_dtype(config.out_dtype or config.dtype)
     ckpts = {}
     for ref in config.model_paths():
         for part in ref.split("+"):
@@ -202,6 +235,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
             echo(f"warning: {w}")
         echo(f"plan: {config.method} over {len(config.model_paths())} checkpoints, {len(p.names)} tensors, "
              f"{p.num_layers} layers; recipe {config.recipe_hash[:12]}")
+        _same_nonfloat_values(p, ckpts)
         if dry_run:
             return p
         key = seed  # a jax key is made only for random methods (keeps the JAX backend out of linear merges)
@@ -212,29 +246,29 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
         def first(j):
             return ckpts[order(j.cfg)[0]], j.src[order(j.cfg)[0]]
 
-        def out_dt(j):
-            c, n = first(j)
-            d = c.dtype(n)
-            return (to_dtype or d) if is_floating(d) else d
-
-        layout = [(j.out, first(j)[0].shape(j.src[order(j.cfg)[0]]), out_dt(j)) for j in p.jobs]
+        layout = [(j.out, first(j)[0].shape(j.src[order(j.cfg)[0]]), j.dtype) for j in p.jobs]
         with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
                                 overwrite=overwrite) as w:
             pool = _ReadPool(ckpts, p)
             global_thr = _global_pass(config, p, pool, progress) if _is_global(config) else None
             for job in tqdm(p.jobs, desc="merge", disable=None if progress else True, leave=False):
                 c0, n0 = first(job)
-                if not is_floating(c0.dtype(n0)):  # integer buffers (position ids ...): copy the first source
+                if job.kw is None:  # non-float buffers (position ids ...): equal in every model, copied
                     w.add(job.out, c0.get(n0))
                     continue
                 block, shape = pool.read(job)
-                merged = _merge_tensor(job.cfg, job.out, job.t, block, shape, key, pool.scratch, global_thr)
+                merged = _merge_tensor(job, block, shape, key, pool.scratch, global_thr)
                 rows = p.truncate.get(job.out)
                 if rows is not None:  # keep the reference model's extra vocabulary rows
-                    full = c0.get(n0).astype(np.float32)
+                    full = c0.get(n0).astype(merged.dtype)
                     full[:rows] = merged
                     merged = full
-                w.add(job.out, merged.astype(to_dtype or c0.dtype(n0), copy=False))
+                out = merged.astype(job.dtype, copy=False)
+                if not _finite(out):
+                    raise MergeError(f"tensor '{job.out}': the merge produced NaN/Inf values"
+                                     f"{'' if out.dtype == merged.dtype else f' (after the cast to {out.dtype})'}; "
+                                     "nothing was written (check the weights / parameters)")
+                w.add(job.out, out)
             w.close(extra_files={"mergekit_config.yml": config.text})
         echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.2f}s")
         return p
