@@ -1,12 +1,12 @@
 """Checkpoint IO: safetensors (lazy, sharded HF layout, validated headers), orbax, atomic writes."""
 
-from .atomic import atomic_dir, atomic_file, refuse_existing
+from .atomic import atomic_dir, atomic_file, check_output, refuse_existing
 from .safetensors import DTYPES, INDEX_NAME, Checkpoint, SafetensorsFile, load, open_checkpoint, read_metadata, save
 from .shards import PlannedShardWriter, ShardWriter, save_sharded
 
-__all__ = ["atomic_dir", "atomic_file", "refuse_existing", "abstract_like", "load_orbax", "save_orbax", "DTYPES",
-           "INDEX_NAME", "Checkpoint", "SafetensorsFile", "load", "open_checkpoint", "read_metadata", "save",
-           "save_sharded", "ShardWriter", "PlannedShardWriter"]
+__all__ = ["atomic_dir", "atomic_file", "check_output", "refuse_existing", "abstract_like", "load_orbax",
+           "save_orbax", "DTYPES", "INDEX_NAME", "Checkpoint", "SafetensorsFile", "load", "open_checkpoint",
+           "read_metadata", "save", "save_sharded", "ShardWriter", "PlannedShardWriter"]
 
 
 def __getattr__(name):

@@ -8,7 +8,8 @@ Why not the ``safetensors`` package directly: we need (1) every header field val
 allocation, with typed errors (a hostile header length cannot make us allocate), (2) per-tensor
 lazy reads from memory-mapped single files and HF sharded directories, opening only the shards
 asked for, (3) streaming atomic writes, and (4) bf16/fp8 through numpy. Files we write are read by
-the ``safetensors`` package and vice versa (tested).
+the ``safetensors`` package and vice versa, and what we accept it accepts byte for byte (fuzzed in
+tests/test_fuzz_io.py); strict JSON and the index reader live in ``header.py``.
 
 Tensor names are pytree paths (``encoder/layer_0/attn/query/kernel``).
 """
@@ -25,14 +26,16 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from ..errors import CheckpointError, CheckpointNotFoundError, PathCollisionError, UnknownDTypeError
-from .atomic import atomic_file
+from ..errors import (CheckpointError, CheckpointNotFoundError, LeafTypeError, PathCollisionError, UnknownDTypeError,
+                      UsageError)
+from .atomic import atomic_file, is_partial
+from .header import (FIELDS, INDEX_NAME, INT64_MAX, check_metadata, check_tiling, is_text, is_uint, kind, read_index,
+                     show, strict_json)
 
 __all__ = ["DTYPES", "SafetensorsFile", "Checkpoint", "open_checkpoint", "save", "load", "read_metadata",
            "INDEX_NAME", "dtype_name"]
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
-INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit (MAX_HEADER_SIZE)
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -56,71 +59,100 @@ def dtype_name(dt, path: str = "") -> str:
 
 # ------------------------------------------------------------------------------------- reading
 
+def _refuse_partial(path: Path) -> None:
+    for p in (path, path.parent):
+        if is_partial(p):
+            raise CheckpointError(f"{path}: {p.name} is an unfinished temporary of an interrupted weightlab "
+                                  "writer, not a checkpoint (the next write of the same output removes it)")
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, header validated on open, tensors read lazily from a memory map.
 
     ``f[name]`` returns a numpy array holding only that tensor's bytes; nothing else is read.
     ``bytes_read`` counts the tensor bytes materialised so far.
+
+    Validation (every failure a :class:`CheckpointError` naming the file and the tensor) accepts only
+    what the reference implementation accepts: strict JSON with no repeated key, exactly the fields
+    ``dtype`` / ``shape`` / ``data_offsets`` per tensor with the right types and int64-sized values,
+    string-to-string ``__metadata__``, and tensors that, sorted by offset, tile the data section
+    exactly (no overlap, no hole, no trailing byte). A file whose 8-byte header length is still zero
+    is one a writer did not finish (we write the length last).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointNotFoundError(f"{self.path}: no such safetensors file")
+        _refuse_partial(self.path)
         self._size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{self.path}: truncated ({self._size} bytes, shorter than the 8-byte header length)")
             (n,) = struct.unpack("<Q", raw)
-            if n == 0 or n > MAX_HEADER_BYTES or n > self._size - 8:
+            if n == 0:
+                raise CheckpointError(f"{self.path}: header length 0: the file is incomplete (a writer was "
+                                      "interrupted before finishing it) or not safetensors")
+            if n > MAX_HEADER_BYTES or n > self._size - 8:
                 raise CheckpointError(
                     f"{self.path}: header length {n} is impossible (file has {self._size} bytes, limit "
                     f"{MAX_HEADER_BYTES}); the file is truncated, corrupted or not safetensors")
             header_bytes = f.read(n)
         try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: header is not valid UTF-8 JSON ({e})") from None
+            text = header_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{self.path}: header is not valid UTF-8 ({e})") from None
+        header = strict_json(text, f"{self.path}: header")
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: header must be a JSON object, found {type(header).__name__}")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
-        self.metadata: dict[str, str] = meta
+            raise CheckpointError(f"{self.path}: header must be a JSON object, found {kind(header)}")
+        if header.dups:
+            d = header.dups[0]
+            what = "'__metadata__'" if d == "__metadata__" else f"tensor '{show(d)}'"
+            raise CheckpointError(f"{self.path}: {what} appears twice in the header")
+        self.metadata: dict[str, str] = check_metadata(header.pop("__metadata__", None), self.path)
         self._data_start = 8 + n
+        data_len = self._size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        spans = []
         for name, e in header.items():
-            self._entries[name] = self._validate(name, e)
-            spans.append((self._entries[name][2], self._entries[name][3], name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise CheckpointError(f"{self.path}: tensors '{n0}' and '{n1}' overlap in the data section")
+            self._entries[name] = self._validate(name, e, data_len)
+        check_tiling(self.path, self._entries, data_len)
         self._mm: mmap.mmap | None = None
         self.bytes_read = 0
 
-    def _validate(self, name: str, e: Any):
-        where = f"{self.path}: tensor '{name}'"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
-            raise CheckpointError(f"{where}: entry needs dtype, shape and data_offsets")
-        if e["dtype"] not in DTYPES:
-            raise UnknownDTypeError(f"{where}: unknown dtype {e['dtype']!r} (known: {sorted(DTYPES)})")
-        dt = DTYPES[e["dtype"]]
-        shape, offs = e["shape"], e["data_offsets"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, found {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs) or offs[0] > offs[1]):
-            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offs!r}")
-        numel = 1
+    def _validate(self, name: str, e: Any, data_len: int):
+        where = f"{self.path}: tensor '{show(name)}'"
+        if not is_text(name):
+            raise CheckpointError(f"{where}: the name is not valid Unicode (lone surrogate)")
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets, "
+                                  f"found {kind(e)}")
+        if e.dups:
+            raise CheckpointError(f"{where}: field '{show(e.dups[0])}' appears twice")
+        if set(e) != FIELDS:
+            missing, extra = FIELDS - set(e), set(e) - FIELDS
+            raise CheckpointError(f"{where}: entry must have exactly dtype, shape and data_offsets"
+                                  + (f"; missing {sorted(missing)}" if missing else "")
+                                  + (f"; unknown {show(sorted(extra))}" if extra else ""))
+        dname, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dname, str) or dname not in DTYPES:
+            raise UnknownDTypeError(f"{where}: unknown dtype '{show(dname)}' (known: {sorted(DTYPES)})")
+        dt = DTYPES[dname]
+        if not isinstance(shape, list) or not all(is_uint(s) for s in shape):
+            raise CheckpointError(f"{where}: shape must be a list of integers in [0, 2**63), found {show(shape)}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(is_uint(o) for o in offs) or offs[0] > offs[1]:
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end < 2**63, "
+                                  f"found {show(offs)}")
+        numel, addressable = 1, dt.itemsize
         for s in shape:
             numel *= s
+            addressable *= max(s, 1)
+            if addressable > INT64_MAX:  # numpy's limit (zero-size dims included); also the reference's
+                raise CheckpointError(f"{where}: shape {show(shape)} x {dt} is too large to address")
         if offs[1] - offs[0] != numel * dt.itemsize:
             raise CheckpointError(f"{where}: shape {tuple(shape)} x {dt} needs {numel * dt.itemsize} bytes, "
                                   f"data_offsets span {offs[1] - offs[0]}")
-        if self._data_start + offs[1] > self._size:
+        if offs[1] > data_len:
             raise CheckpointError(f"{where}: data ends at byte {self._data_start + offs[1]} but the file has "
                                   f"{self._size} bytes (truncated?)")
         return dt, tuple(shape), offs[0], offs[1]
@@ -233,22 +265,15 @@ class Checkpoint:
             return
         if not self.path.is_dir():
             raise CheckpointNotFoundError(f"{self.path}: no such file or directory")
+        if is_partial(self.path):
+            _refuse_partial(self.path / INDEX_NAME)
         self._root = self.path
         index = self.path / INDEX_NAME
         if index.is_file():
-            try:
-                data = json.loads(index.read_text())
-                wm = data["weight_map"]
-                assert isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())
-            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-            for fname in sorted(set(wm.values())):
-                if Path(fname).name != fname:
-                    raise CheckpointError(f"{index}: shard name {fname!r} must be a plain file name")
+            self._map, self.metadata = read_index(index)
+            for fname in sorted(set(self._map.values())):
                 if not (self.path / fname).is_file():
                     raise CheckpointNotFoundError(f"{index} names shard {fname}, which does not exist")
-            self._map = dict(wm)
-            self.metadata = {k: str(v) for k, v in (data.get("metadata") or {}).items()}
             return
         files = sorted(self.path.glob("*.safetensors"))
         if len(files) != 1:
@@ -265,10 +290,14 @@ class Checkpoint:
             raise KeyError(f"{self.path}: no tensor named '{name}'")
         fname = self._map[name]
         if fname not in self._files:
-            self._files[fname] = SafetensorsFile(self._root / fname)
+            f = SafetensorsFile(self._root / fname)
+            lacking = [n for n, s in self._map.items() if s == fname and n not in f]
+            if lacking:  # checked for every tensor of the shard, before any of them is read
+                f.close()
+                raise CheckpointError(f"{self.path / INDEX_NAME}: the index puts tensor '{show(lacking[0])}' in "
+                                      f"{fname}, which lacks it ({len(lacking)} such tensors)")
+            self._files[fname] = f
             self.opened_files.append(fname)
-            if name not in self._files[fname]:
-                raise CheckpointError(f"{self.path}: index puts '{name}' in {fname}, which lacks it")
         return self._files[fname]
 
     def keys(self) -> list[str]:
@@ -375,7 +404,7 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     out = {}
     for k, v in (metadata or {}).items():
         if not isinstance(k, str):
-            raise TypeError(f"metadata keys must be strings, got {k!r}")
+            raise UsageError(f"metadata keys must be strings; key {show(k)} is a {type(k).__name__}")
         out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     return out
 
@@ -438,36 +467,58 @@ def _host_tensors(tree: Any) -> list[tuple[str, np.ndarray]]:
         if x is None:
             continue
         if not wtree.is_array(x):
-            raise TypeError(f"'{p}': cannot store a {type(x).__name__} in safetensors; keep only array leaves "
-                            "(e.g. eqx.filter(model, eqx.is_array))")
+            raise LeafTypeError(f"'{p}': cannot store a {type(x).__name__} in safetensors; keep only array leaves "
+                                "(e.g. eqx.filter(model, eqx.is_array))")
         arr = np.asarray(x)
         dtype_name(arr.dtype, p)
         out.append((p, arr))
     return out
 
 
-def _header(tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
+def _layout_header(layout, metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Header bytes (JSON padded with spaces to 8-byte alignment) and each tensor's [begin, end) for a
+    layout of (name, shape, dtype), tensors stored back to back in layout order."""
     h: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    off = 0
-    for name, arr in tensors:
+    spans, off = [], 0
+    for name, shape, dtype in layout:
         if name in h:
             raise PathCollisionError(f"duplicate tensor name '{name}'")
-        h[name] = {"dtype": dtype_name(arr.dtype, name), "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
-        off += arr.nbytes
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        h[name] = {"dtype": dtype_name(dtype, name), "shape": [int(d) for d in shape],
+                   "data_offsets": [off, off + nbytes]}
+        spans.append((off, off + nbytes))
+        off += nbytes
     raw = json.dumps(h, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # 8-byte aligned data section
+    return raw + b" " * (-len(raw) % 8), spans  # 8-byte aligned data section
+
+
+def _header(tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
+    return _layout_header([(n, a.shape, a.dtype) for n, a in tensors], metadata)[0]
+
+
+def _seal(f, header_len: int) -> None:
+    """Make a file we wrote valid: flush and fsync its data, then write the 8-byte header length
+    (zero until now, so a file cut short at any point fails validation) and fsync again."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.seek(0)
+    f.write(struct.pack("<Q", header_len))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _write_file(fname: Path, tensors, metadata: dict[str, str]) -> None:
+    """Write one safetensors file; its header length is written last (see :func:`_seal`)."""
     header = _header(tensors, metadata)
     with open(fname, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
+        f.write(b"\0" * 8)
         f.write(header)
         for _, arr in tensors:
             a = np.ascontiguousarray(arr)
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
             f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+        _seal(f, len(header))
 
 
 def save(path: str | os.PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None,

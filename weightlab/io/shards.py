@@ -5,23 +5,78 @@
 * :class:`ShardWriter` — tensors streamed in, one shard buffered at a time;
 * :class:`PlannedShardWriter` — layout known in advance, each tensor written in place (memory: one
   tensor); used by the streaming merge engine.
+
+All three go through :func:`weightlab.io.atomic.atomic_dir` (one temporary directory, published by
+one rename) and :func:`_finish`: inside the temporary directory every shard is named ``*.part``
+and has a zero header length until it is complete, so a killed run leaves nothing that any
+``*.safetensors`` glob, index or reader accepts; the final names and the index appear last.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import WeightlabError
+from ..errors import PathCollisionError, UsageError
 from .atomic import atomic_dir
-from .safetensors import INDEX_NAME, _encode_metadata, _host_tensors, _write_file, dtype_name
+from .safetensors import INDEX_NAME, _encode_metadata, _host_tensors, _layout_header, _seal, _write_file, dtype_name
 
 __all__ = ["save_sharded", "ShardWriter", "PlannedShardWriter"]
+
+PART = ".part"
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _check_extra_files(extra_files: Mapping[str, str] | None) -> dict[str, str]:
+    out = dict(extra_files or {})
+    for fname, text in out.items():
+        if (not isinstance(fname, str) or fname in ("", ".", "..", INDEX_NAME) or Path(fname).name != fname
+                or fname.endswith((".safetensors", PART))):
+            raise UsageError(f"extra file name {fname!r} must be a plain file name (not a shard or the index)")
+        if not isinstance(text, str):
+            raise UsageError(f"extra file {fname!r}: contents must be text, got {type(text).__name__}")
+    return out
+
+
+def _finish(tmp: Path, shard_names: list[list[str]], total: int, meta: dict[str, str],
+            extra_files: dict[str, str]) -> None:
+    """Inside the temporary directory: extra files, then each complete ``<shard>.part`` renamed to its
+    final name, then the index (written under a ``.part`` name and renamed)."""
+    for fname, text in extra_files.items():
+        (tmp / fname).write_text(text)
+    n = len(shard_names)
+    weight_map = {}
+    for i, names in enumerate(shard_names):
+        final = _shard_name(i, n)
+        os.replace(tmp / (final + PART), tmp / final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
+    part = tmp / (INDEX_NAME + PART)
+    with open(part, "w") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, tmp / INDEX_NAME)
+
+
+def _group(items, nbytes, max_shard_bytes: int) -> list[list]:
+    groups: list[list] = [[]]
+    size = 0
+    for item in items:
+        nb = nbytes(item)
+        if groups[-1] and size + nb > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nb
+    return groups
 
 
 def save_sharded(directory: str | os.PathLike, tree: Any, *, max_shard_bytes: int = 2 * 1024**3,
@@ -35,27 +90,12 @@ def save_sharded(directory: str | os.PathLike, tree: Any, *, max_shard_bytes: in
     """
     tensors = _host_tensors(tree)
     meta = _encode_metadata(metadata)
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
-    for name, arr in tensors:
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, arr))
-        size += arr.nbytes
-    n = len(shards)
+    extra = _check_extra_files(extra_files)
+    shards = _group(tensors, lambda t: t[1].nbytes, max_shard_bytes)
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            _write_file(tmp / fname, shard, meta)
-            weight_map.update({name: fname for name, _ in shard})
-        index = {"metadata": {"total_size": sum(a.nbytes for _, a in tensors), **meta}, "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        for fname, text in (extra_files or {}).items():
-            if Path(fname).name != fname:
-                raise WeightlabError(f"extra file name {fname!r} must be a plain file name")
-            (tmp / fname).write_text(text)
+        for i, shard in enumerate(shards):
+            _write_file(tmp / (_shard_name(i, len(shards)) + PART), shard, meta)
+        _finish(tmp, [[name for name, _ in s] for s in shards], sum(a.nbytes for _, a in tensors), meta, extra)
     return Path(directory)
 
 
@@ -65,14 +105,15 @@ class _AtomicWriter:
 
     _closed = False
 
-    def _publish(self, weight_map: dict, extra_files) -> Path:
-        """Write the index and extra files, then rename the temporary directory into place."""
-        index = {"metadata": {"total_size": self.total, **self.meta}, "weight_map": weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        for fname, text in (extra_files or {}).items():
-            (self.tmp / fname).write_text(text)
-        self._ctx.__exit__(None, None, None)
+    def _publish(self, shard_names: list[list[str]], extra_files) -> Path:
+        """Finish the temporary directory (final shard names, index, extra files), then publish it."""
+        try:
+            _finish(self.tmp, shard_names, self.total, self.meta, _check_extra_files(extra_files))
+        except BaseException as e:
+            self.abort(e)
+            raise
         self._closed = True
+        self._ctx.__exit__(None, None, None)  # publishes; on failure the temporary is already removed
         return self.directory
 
     def abort(self, exc=None) -> None:
@@ -100,9 +141,10 @@ class ShardWriter(_AtomicWriter):
     called, no output directory appears. Use as a context manager (an exception aborts)."""
 
     def __init__(self, directory, *, max_shard_bytes: int = 2 * 1024**3, metadata=None, overwrite: bool = False):
+        meta = _encode_metadata(metadata)
         self._ctx = atomic_dir(directory, overwrite=overwrite)
         self.tmp = self._ctx.__enter__()
-        self.max_shard_bytes, self.meta = max_shard_bytes, _encode_metadata(metadata)
+        self.max_shard_bytes, self.meta = max_shard_bytes, meta
         self._buf: list[tuple[str, np.ndarray]] = []
         self._size = 0
         self._shards: list[list[str]] = []
@@ -120,71 +162,57 @@ class ShardWriter(_AtomicWriter):
         self.total += a.nbytes
 
     def _flush(self) -> None:
-        if self._buf:
-            _write_file(self.tmp / f"shard-{len(self._shards):05d}.part", self._buf, self.meta)
+        if self._buf:  # the shard count is unknown until close: numbered provisionally, renamed there
+            _write_file(self.tmp / f"shard-{len(self._shards):05d}{PART}", self._buf, self.meta)
             self._shards.append([n for n, _ in self._buf])
             self._buf, self._size = [], 0
 
     def close(self, extra_files=None) -> Path:
         self._flush()
         n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / f"shard-{i:05d}.part", self.tmp / final)
-            weight_map.update({name: final for name in names})
-        return self._publish(weight_map, extra_files)
+        for i in range(n):
+            os.replace(self.tmp / f"shard-{i:05d}{PART}", self.tmp / (_shard_name(i, n) + PART))
+        return self._publish(self._shards, extra_files)
 
 
 class PlannedShardWriter(_AtomicWriter):
-    """Sharded writer for a layout known in advance (names, shapes, dtypes): every shard's header is
-    written first and each tensor goes straight to its final offset when it arrives, so memory holds
-    one tensor, not one shard. Same atomic-directory guarantees as :class:`ShardWriter`."""
+    """Sharded writer for a layout known in advance (names, shapes, dtypes): each shard file is sized
+    up front and each tensor goes straight to its final offset when it arrives, so memory holds one
+    tensor, not one shard. The header length of every shard is written at :meth:`close`, after its
+    data is flushed. Same atomic-directory guarantees as :class:`ShardWriter`."""
 
     def __init__(self, directory, layout, *, max_shard_bytes: int = 2 * 1024**3, metadata=None,
                  overwrite: bool = False):
+        self.meta = _encode_metadata(metadata)
+        layout = [(name, tuple(int(d) for d in shape), np.dtype(dtype)) for name, shape, dtype in layout]
+        seen: set[str] = set()
+        for name, _, _ in layout:
+            if name in seen:
+                raise PathCollisionError(f"duplicate tensor name '{name}' in the planned layout")
+            seen.add(name)
+        groups = _group(layout, lambda t: int(np.prod(t[1], dtype=np.int64)) * t[2].itemsize, max_shard_bytes)
+        headers = [_layout_header(g, self.meta) for g in groups]  # validates names and dtypes before any IO
         self._ctx = atomic_dir(directory, overwrite=overwrite)
         self.tmp = self._ctx.__enter__()
         self.directory = Path(directory)
-        meta = _encode_metadata(metadata)
-        self.meta = meta
-        groups: list[list[tuple[str, tuple, np.dtype]]] = [[]]
-        size = 0
-        for name, shape, dtype in layout:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, tuple(shape), np.dtype(dtype)))
-            size += nbytes
-        n = len(groups)
         self._where: dict[str, tuple[int, int, tuple, np.dtype]] = {}
-        self._files, self.weight_map, self.total = [], {}, 0
+        self._files, self._header_lens, self.total = [], [], 0
+        self._names = [[name for name, _, _ in g] for g in groups]
         try:
-            for i, g in enumerate(groups):
-                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                h: dict[str, Any] = {"__metadata__": meta} if meta else {}
-                off = 0
-                for name, shape, dt in g:
-                    nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-                    h[name] = {"dtype": dtype_name(dt, name), "shape": list(shape), "data_offsets": [off, off + nb]}
-                    self._where[name] = (i, 0, shape, dt)
-                    self.weight_map[name] = fname
-                    off += nb
-                raw = json.dumps(h, separators=(",", ":")).encode()
-                raw += b" " * (-len(raw) % 8)
-                f = open(self.tmp / fname, "wb+")
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                f.truncate(8 + len(raw) + off)
+            for i, (g, (raw, spans)) in enumerate(zip(groups, headers)):
+                f = open(self.tmp / (_shard_name(i, len(groups)) + PART), "wb+")
                 self._files.append(f)
-                for name, _, _ in g:
-                    i_, _, shape, dt = self._where[name]
-                    self._where[name] = (i_, 8 + len(raw) + h[name]["data_offsets"][0], shape, dt)
-                self.total += off
+                f.write(b"\0" * 8)  # header length: written last, by close()
+                f.write(raw)
+                f.truncate(8 + len(raw) + (spans[-1][1] if spans else 0))
+                for (name, shape, dt), (b, e) in zip(g, spans):
+                    self._where[name] = (i, 8 + len(raw) + b, shape, dt)
+                    self.total += e - b
+                self._header_lens.append(len(raw))
         except BaseException as e:
             self.abort(e)
             raise
+        self.weight_map = {name: _shard_name(i, len(groups)) for i, g in enumerate(self._names) for name in g}
         self._written: set[str] = set()
         self._closed = False
 
@@ -195,6 +223,8 @@ class PlannedShardWriter(_AtomicWriter):
         a = np.ascontiguousarray(np.asarray(arr))
         if a.shape != shape or a.dtype != dt:
             raise ValueError(f"'{name}': planned {shape} {dt}, got {a.shape} {a.dtype}")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
         f = self._files[i]
         f.seek(off)
         f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
@@ -204,11 +234,10 @@ class PlannedShardWriter(_AtomicWriter):
         missing = [n for n in self._where if n not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written (e.g. '{missing[0]}')")
-        for f in self._files:
-            f.flush()
-            os.fsync(f.fileno())
+        for f, n in zip(self._files, self._header_lens):
+            _seal(f, n)
             f.close()
-        return self._publish(self.weight_map, extra_files)
+        return self._publish(self._names, extra_files)
 
     def abort(self, exc=None) -> None:
         for f in getattr(self, "_files", []):

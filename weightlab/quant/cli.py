@@ -51,7 +51,7 @@ def _existing_qarrays(c, source: str) -> dict:
     from .qarray import QArray
 
     return {p: QArray.from_spec(spec, {n: c[f"{p}/{n}"] for n in spec["children"]})
-            for p, spec in qarray_specs(c.metadata, source).items()}
+            for p, spec in qarray_specs(c.metadata, source, names=c.keys()).items()}
 
 
 def run(args) -> int:
