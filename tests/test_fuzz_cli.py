@@ -224,3 +224,48 @@ def test_reruns_are_byte_identical(ckpt, tmp_path, capsys):
     assert files == sorted(p.name for p in (tmp_path / "m2").iterdir()) and files
     for f in files:
         assert (tmp_path / "m1" / f).read_bytes() == (tmp_path / "m2" / f).read_bytes(), f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.0, 1.3, 1.6, 2.0, 3.0])
+def test_sigkill_mid_merge_leaves_no_checkpoint_and_the_rerun_sweeps(tmp_path, delay):
+    """A `weightlab merge` killed at a random moment: the output either does not exist or is the
+    complete merge; any temporary left behind is refused as a checkpoint and swept by the rerun."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    models = []
+    for i in range(2):
+        t = {f"model.layers.{k}.mlp.weight": rng.standard_normal((512, 1024)).astype(np.float32) for k in range(16)}
+        models.append(io.save_sharded(tmp_path / f"m{i}", t, max_shard_bytes=4 << 20))
+    cfg = tmp_path / "lin.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {models[0]}\n    parameters: {{weight: 1.0}}\n"
+                   f"  - model: {models[1]}\n    parameters: {{weight: 3.0}}\n")
+    out = work / "merged"
+    argv = [sys.executable, "-m", "weightlab.cli", "merge", str(cfg), str(out), "--max-shard-size", "3MB"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    leftovers = [p for p in work.iterdir() if p != out]
+    for p in leftovers:  # nothing half-written may pass for a checkpoint
+        with pytest.raises(wl.WeightlabError):
+            with io.open_checkpoint(p) as c:
+                for name in c.keys():
+                    c[name]
+        for f in (p.rglob("*") if p.is_dir() else []):
+            if f.is_file():
+                with pytest.raises(wl.WeightlabError):
+                    io.SafetensorsFile(f)
+    if out.exists():  # the kill came after publishing: then it must be whole (values checked below)
+        with io.open_checkpoint(out) as c:
+            assert len(c.keys()) == 16
+    r = subprocess.run(argv + (["--overwrite"] if out.exists() else []), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["merged"]  # the rerun swept the dead run's temporaries
+    with io.open_checkpoint(out) as c, io.open_checkpoint(models[0]) as a, io.open_checkpoint(models[1]) as b:
+        for name in a.keys():
+            np.testing.assert_allclose(c[name], 0.25 * a[name] + 0.75 * b[name], rtol=1e-6, atol=1e-6)
