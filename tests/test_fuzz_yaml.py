@@ -249,8 +249,11 @@ def models(tmp_path, *names, params=None):
 @pytest.mark.parametrize("extra,line,needle", [
     ("paramters: {normalize: false}\n", 5, "did you mean 'parameters'"),
     ("dtpye: float16\n", 5, "did you mean 'dtype'"),
-    ("tokenizer_source: union\n", 5, "'tokenizer_source' in the top level is not supported yet"),
-    ("chat_template: chatml\n", 5, "'chat_template' in the top level is not supported yet"),
+    ("tokenizer_source: union\n", 5, "tokenizer source 'union' is not supported yet"),
+    ("chat_template: chatml\n", 5, "named templates such as 'chatml' are not supported yet"),
+    ("tokenizer: {source: base, tokens: {}}\n", 5, "'tokens' in 'tokenizer' is not supported yet"),
+    ("tokenizer_source: base\n", 5, "tokenizer source 'base' needs a base_model"),
+    ("tokenizer_source: base\ntokenizer: {source: base}\n", 6, "either 'tokenizer_source' or 'tokenizer'"),
     ("parameters:\n  normalize: true\n  normalize: false\n", 7, "duplicate key 'normalize' (first at line 6"),
     ("parameters: {normalize: maybe}\n", 5, "'normalize' must be true or false, got 'maybe'"),
 ])

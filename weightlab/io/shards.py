@@ -40,8 +40,8 @@ def _check_extra_files(extra_files: Mapping[str, str] | None) -> dict[str, str]:
         if (not isinstance(fname, str) or fname in ("", ".", "..", INDEX_NAME) or Path(fname).name != fname
                 or fname.endswith((".safetensors", PART))):
             raise UsageError(f"extra file name {fname!r} must be a plain file name (not a shard or the index)")
-        if not isinstance(text, str):
-            raise UsageError(f"extra file {fname!r}: contents must be text, got {type(text).__name__}")
+        if not isinstance(text, (str, bytes)):
+            raise UsageError(f"extra file {fname!r}: contents must be text or bytes, got {type(text).__name__}")
     return out
 
 
@@ -50,7 +50,7 @@ def _finish(tmp: Path, shard_names: list[list[str]], total: int, meta: dict[str,
     """Inside the temporary directory: extra files, then each complete ``<shard>.part`` renamed to its
     final name, then the index (written under a ``.part`` name and renamed)."""
     for fname, text in extra_files.items():
-        (tmp / fname).write_text(text)
+        (tmp / fname).write_bytes(text if isinstance(text, bytes) else text.encode())
     n = len(shard_names)
     weight_map = {}
     for i, names in enumerate(shard_names):

@@ -31,13 +31,15 @@ def add_parser(sub) -> None:
                "          - {value: 0.3}\n  parameters: {normalize: true, lambda: 0.9}\n  dtype: bfloat16\n\n"
                "  weightlab merge config.yml out/ --dry-run",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="mergekit YAML file")
-    p.add_argument("output", help="output directory (refused if it exists, unless --overwrite)")
-    p.add_argument("--dry-run", action="store_true", help="validate config and checkpoints, report, write nothing")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-shard-size", type=size, default=size("2GB"), help="output shard size (default 2GB)")
-    p.add_argument("--seed", type=seed, default=0, help="seed for random methods (DARE, DELLA)")
-    p.set_defaults(fn=run)
+    add_merge_arguments(p, default_shard="2GB")
+    k = sub.add_parser(
+        "mergekit-yaml", help="mergekit-yaml's command line: same config, same flags, same defaults",
+        description="A drop-in for mergekit's `mergekit-yaml CONFIG OUT [options]`: the same YAML and flags "
+                    "(--out-shard-size 5B, --copy-tokenizer, --allow-crimes, --random-seed, --write-model-card ...; "
+                    "GPU and loader flags such as --cuda or --lazy-unpickle are accepted with a note). The output "
+                    "directory loads with transformers' from_pretrained.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_merge_arguments(k, default_shard="5B")
     e = sub.add_parser(
         "extract-lora", help="extract a PEFT LoRA adapter from a fine-tune (truncated SVD per weight)",
         description="Write a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) whose B @ A is "
@@ -92,13 +94,78 @@ def run_extract(args) -> int:
     return 0
 
 
+# mergekit-yaml's options that only steer its own loader or device placement: accepted so existing
+# scripts run unchanged, each with the note printed when it is given.
+_NOTED = {
+    "cuda": "weightlab computes on JAX's default device",
+    "low_cpu_memory": "weightlab streams tensor by tensor; memory is one tensor per model plus one shard",
+    "read_to_gpu": "weightlab computes on JAX's default device",
+    "multi_gpu": "weightlab computes on JAX's default device",
+    "gpu_rich": "weightlab computes on JAX's default device",
+    "lazy_unpickle": "weightlab reads safetensors lazily and never unpickles",
+    "clone_tensors": "every output tensor is written from its own buffer already",
+    "trust_remote_code": "weightlab never runs model code",
+    "transformers_cache": "weightlab merges local checkpoints only; nothing is downloaded",
+    "lora_merge_cache": "LoRA adapters are applied in memory",
+    "lora_merge_dtype": "LoRA adapters are applied in float32",
+    "num_threads": "set XLA_FLAGS / the process affinity to bound threads",
+}
+
+
+def add_merge_arguments(p, default_shard: str) -> None:
+    """The arguments of ``weightlab merge`` and ``weightlab mergekit-yaml``: weightlab's own plus every
+    mergekit-yaml flag (those that matter on a CPU act; loader/GPU ones are accepted with a note)."""
+    p.add_argument("config", help="mergekit YAML file")
+    p.add_argument("output", help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument("--dry-run", action="store_true", help="validate config and checkpoints, report, write nothing")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size", type=size, default=size(default_shard),
+                   help=f"output shard size in bytes, e.g. 2GB, 500MB or mergekit's 5B (default {default_shard})")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=seed, default=0,
+                   help="seed for random methods (DARE, DELLA)")
+    flag = lambda name, default, helptext: p.add_argument(
+        f"--{name}", default=default, action=argparse.BooleanOptionalAction, help=helptext)
+    flag("copy-tokenizer", True, "copy the tokenizer (tokenizer_source, else the base / first model's) (default: on)")
+    flag("write-model-card", True, "write README.md recording the recipe (default: on)")
+    flag("allow-crimes", False, "allow models whose config.json architectures differ")
+    flag("safe-serialization", True, "weightlab always writes safetensors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, why in _NOTED.items():
+        opt = "--" + name.replace("_", "-")
+        if name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype"):
+            p.add_argument(opt, default=None, metavar="VALUE", help=f"accepted, no effect: {why}")
+        elif name == "num_threads":
+            p.add_argument(opt, type=integer(1), default=None, help=f"accepted, no effect: {why}")
+        else:
+            p.add_argument(opt, default=False, action=argparse.BooleanOptionalAction,
+                           help=f"accepted, no effect: {why}")
+    p.set_defaults(fn=run)
+
+
 def run(args) -> int:
     from ..cliargs import output
     from .config import load_config
     from .stream import run_merge
 
+    for name, why in _NOTED.items():
+        if getattr(args, name, None) not in (None, False):
+            print(f"note: --{name.replace('_', '-')} has no effect here ({why})")
+    if not args.safe_serialization:
+        print("note: --no-safe-serialization has no effect (weightlab writes safetensors only)")
     output(args.output, args.overwrite, args.dry_run)
     cfg = load_config(args.config)
     run_merge(cfg, args.output, dry_run=args.dry_run, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-              seed=args.seed)
+              seed=args.seed, progress=not args.quiet, copy_tokenizer=args.copy_tokenizer,
+              write_model_card=args.write_model_card, allow_crimes=args.allow_crimes)
     return 0
+
+
+def mergekit_yaml(argv=None) -> int:
+    """The ``weightlab-mergekit-yaml`` console script: ``mergekit-yaml CONFIG OUT [flags]`` with
+    mergekit's defaults (5B-byte shards, tokenizer copied, model card written)."""
+    import sys
+
+    from ..cli import main
+
+    return main(["mergekit-yaml", *(sys.argv[1:] if argv is None else argv)])

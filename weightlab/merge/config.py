@@ -15,12 +15,16 @@ layers; embeddings come from the first slice's sources and the final norm / ``lm
 slice's (as mergekit).
 
 Stricter than mergekit, so a config never silently means something else: unknown keys anywhere are
-errors (with a did-you-mean), keys mergekit knows that we do not support yet (``tokenizer_source``,
-``tokenizer``, ``chat_template``, ``modules``; a slice's ``base_model``/``residual_weight``) are
-refused by name, duplicate keys are refused (:mod:`.yamlsafe`), every parameter value — each
+errors (with a did-you-mean), keys mergekit knows that we do not support yet (``modules``;
+``tokenizer_source: union`` and ``tokenizer.tokens`` (vocabulary remapping); named chat templates; a
+slice's ``base_model``/``residual_weight``) are refused by name, duplicate keys are refused (:mod:`.yamlsafe`), every parameter value — each
 gradient element and condition value included — must fit the method's schema (:mod:`.params`;
 booleans must be YAML booleans), a parameter that is not per-model may not sit under a model, and
 ``base_model`` is refused for methods that do not use one (mergekit would average it in).
+
+Output files (:mod:`.hfout`): ``tokenizer_source`` (or ``tokenizer: {source: ...}``) is ``base`` or a
+model path whose tokenizer files are copied (default: the base model's, else the first model's);
+``chat_template`` is a literal Jinja template written into ``tokenizer_config.json``.
 Every problem is a :class:`MergeError` naming ``source:line``.
 """
 
@@ -49,10 +53,12 @@ _IGNORED = {"int8_mask"}
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
 
-_TOP = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
-_NOT_YET = "weightlab merges tensors only; remove it and copy the tokenizer / template files you want"
-_TOP_LATER = {"modules": "use 'models' or 'slices'", "tokenizer_source": _NOT_YET, "tokenizer": _NOT_YET,
-              "chat_template": _NOT_YET}
+_TOP = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+        "tokenizer", "chat_template")
+_REMAP = "it needs vocabulary remapping of the embeddings, which weightlab does not do yet"
+_TOP_LATER = {"modules": "use 'models' or 'slices'"}
+_TOKENIZER_KEYS = ("source",)
+_TOKENIZER_LATER = {"tokens": _REMAP, "pad_to_multiple_of": _REMAP}
 _SLICE_LATER = {"base_model": "give base_model at the top level", "residual_weight": "no residual mixing yet"}
 
 
@@ -120,6 +126,8 @@ class MergeConfig:
     source: str
     slices: list[SliceDef] | None = None
     line: int = 1  # where the models (or this slice) are listed: plan-time errors point here
+    tokenizer_source: str | None = None  # "base" or a model path (None: the base / first model's files)
+    chat_template: str | None = None     # a literal Jinja template for tokenizer_config.json
 
     @property
     def recipe_hash(self) -> str:
@@ -238,8 +246,38 @@ def parse_config(text: str, source: str = "<text>") -> MergeConfig:
     if not slices:
         _check_count(entry, [m.model for m in entries], base, f"{source}:{line}")
     _check_required(ctx, entry, params, entries, slices, base, root)
+    tok, template = _parse_tokenizer(ctx, data, root, base)
     return MergeConfig(method, base, entries, params, data.get("dtype"), data.get("out_dtype"), text, source, slices,
-                       line)
+                       line, tok, template)
+
+
+def _parse_tokenizer(ctx, data: dict, root, base) -> tuple[str | None, str | None]:
+    """``tokenizer_source`` / ``tokenizer: {source}`` and ``chat_template``, as mergekit spells them."""
+    node = lambda key: yamlsafe.child(root, key)
+    if "tokenizer_source" in data and "tokenizer" in data:
+        ctx.fail(node("tokenizer"), "give either 'tokenizer_source' or 'tokenizer', not both")
+    src, src_node = data.get("tokenizer_source"), node("tokenizer_source")
+    if "tokenizer" in data:
+        tok = data["tokenizer"]
+        if not isinstance(tok, dict):
+            ctx.fail(node("tokenizer"), f"'tokenizer' must be a mapping with 'source', got {tok!r}")
+        yamlsafe.check_keys(ctx.source, tok, node("tokenizer"), _TOKENIZER_KEYS, "'tokenizer'", _TOKENIZER_LATER)
+        src, src_node = tok.get("source"), yamlsafe.child(node("tokenizer"), "source")
+    if src is not None:
+        if not isinstance(src, str) or not src:
+            ctx.fail(src_node, f"the tokenizer source must be 'base' or a model path, got {src!r}")
+        if src == "union":
+            ctx.fail(src_node, f"tokenizer source 'union' is not supported yet ({_REMAP}); use 'base' or a model path")
+        if src == "base" and not base:
+            ctx.fail(src_node, "tokenizer source 'base' needs a base_model")
+        if src.startswith("model:"):
+            src = src[len("model:"):]
+    template = data.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str) or "{" not in template:
+            ctx.fail(node("chat_template"), f"chat_template must be a literal Jinja template (named templates such "
+                     f"as {str(template)[:40]!r} are not supported yet)")
+    return src, template
 
 
 def _check_required(ctx, entry, params, entries, slices, base, root) -> None:

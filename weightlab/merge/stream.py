@@ -2,7 +2,8 @@
 (planning and validation are :mod:`.plan`).
 
 Memory holds one tensor from each input model plus at most one output shard, never whole models.
-The output directory (sharded safetensors + index + the config + a recipe hash in the metadata)
+The output directory (sharded safetensors with ``{"format": "pt"}`` and a recipe hash in their
+metadata, the index, ``config.json``, the tokenizer, a model card and the config: :mod:`.hfout`)
 appears atomically at the end; an interrupted merge leaves nothing that looks complete. The engine
 names no method: it calls every method as ``fn(base, models, **kw)`` on one tensor, uses the
 method's numpy fast path when its entry declares one (linear, task arithmetic: no JAX at all), and
@@ -215,8 +216,12 @@ def _global_pass(cfg: MergeConfig, p: Plan, pool: "_ReadPool", progress: bool) -
 
 def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite: bool = False,
               max_shard_bytes: int = 2 * 1024**3, seed: int = 0, progress: bool = True,
-              echo: Callable[[str], None] = print) -> Plan:
-    """Validate, then (unless ``dry_run``) merge tensor by tensor into ``out_dir``."""
+              echo: Callable[[str], None] = print, copy_tokenizer: bool = True, write_model_card: bool = True,
+              allow_crimes: bool = False) -> Plan:
+    """Validate, then (unless ``dry_run``) merge tensor by tensor into ``out_dir``, a directory that
+    ``transformers.AutoModel.from_pretrained`` loads (side files: :func:`.hfout.prepare`).
+    ``copy_tokenizer``, ``write_model_card`` and ``allow_crimes`` are mergekit's options."""
+    from . import hfout
     from ..io.atomic import refuse_existing
 
     if not dry_run:
@@ -236,17 +241,22 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
         echo(f"plan: {config.method} over {len(config.model_paths())} checkpoints, {len(p.names)} tensors, "
              f"{p.num_layers} layers; recipe {config.recipe_hash[:12]}")
         _same_nonfloat_values(p, ckpts)
-        if dry_run:
-            return p
-        key = seed  # a jax key is made only for random methods (keeps the JAX backend out of linear merges)
-        meta = {"weightlab.merge_method": config.method, "weightlab.recipe_sha256": config.recipe_hash}
-        from tqdm import tqdm
 
-        t0 = time.time()
         def first(j):
             return ckpts[order(j.cfg)[0]], j.src[order(j.cfg)[0]]
 
         layout = [(j.out, first(j)[0].shape(j.src[order(j.cfg)[0]]), j.dtype) for j in p.jobs]
+        side = hfout.prepare(config, p, ckpts, layout, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
+                             write_model_card=write_model_card, out_name=Path(out_dir).name,
+                             warn=lambda m: echo(f"warning: {m}"))
+        if dry_run:
+            echo(f"output files: {', '.join(sorted(side)) or 'tensors only'}")
+            return p
+        key = seed  # a jax key is made only for random methods (keeps the JAX backend out of linear merges)
+        meta = {"format": "pt", "weightlab.merge_method": config.method, "weightlab.recipe_sha256": config.recipe_hash}
+        from tqdm import tqdm
+
+        t0 = time.time()
         with PlannedShardWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata=meta,
                                 overwrite=overwrite) as w:
             pool = _ReadPool(ckpts, p)
@@ -269,7 +279,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
                                      f"{'' if out.dtype == merged.dtype else f' (after the cast to {out.dtype})'}; "
                                      "nothing was written (check the weights / parameters)")
                 w.add(job.out, out)
-            w.close(extra_files={"mergekit_config.yml": config.text})
+            w.close(extra_files={**side, "mergekit_config.yml": config.text})
         echo(f"wrote {out_dir} ({w.total / 2**20:.1f} MiB) in {time.time() - t0:.2f}s")
         return p
     finally:
