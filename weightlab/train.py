@@ -1,12 +1,15 @@
 """A small jit-compiled optax training loop for the reference models (classification).
 
 The inner loop is a ``lax.scan`` over ``chunk`` steps, so Python dispatch happens once per chunk;
-minibatches are drawn with ``jax.random`` from an explicit key (reproducible).
+minibatches are drawn with ``jax.random`` from an explicit key (reproducible). With
+``checkpoint=`` (a :class:`weightlab.io.CheckpointManager` or a directory) the params and optimizer
+state are saved at chunk ends and a restarted job resumes from the latest complete step.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,17 +48,42 @@ def accuracy(apply_fn: Callable, params, x, y, batch_size: int = 2000) -> float:
 
 class FitResult(NamedTuple):
     params: Any
-    losses: np.ndarray          # training loss per step
+    losses: np.ndarray          # training loss per step run by this call (from start_step on)
     opt_state: Any
+    start_step: int = 0         # the step this call resumed from (0 without a checkpoint)
+
+
+def _manager(checkpoint):
+    """(manager, whether fit owns it) for ``checkpoint=``."""
+    from .io.manager import CheckpointManager
+
+    if checkpoint is None or isinstance(checkpoint, CheckpointManager):
+        return checkpoint, False
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return CheckpointManager(checkpoint), True
+    from .errors import UsageError
+
+    raise UsageError(f"fit: checkpoint= takes a weightlab.io.CheckpointManager or a directory, got "
+                     f"{type(checkpoint).__name__}")
 
 
 def fit(apply_fn: Callable, params, x, y, *, key: jax.Array, steps: int = 3000, batch_size: int = 128,
         optimizer: optax.GradientTransformation | None = None, chunk: int = 100,
-        loss_fn: Callable = cross_entropy, progress: Callable[[int, float], None] | None = None) -> FitResult:
+        loss_fn: Callable = cross_entropy, progress: Callable[[int, float], None] | None = None,
+        checkpoint=None) -> FitResult:
     """Train ``params`` on (x, y) for ``steps`` minibatch steps of ``optimizer`` (default Adam 1e-3).
 
     ``progress(step, loss)`` is called after every chunk (e.g. to advance a progress bar).
+    ``checkpoint``: a :class:`weightlab.io.CheckpointManager` (or a directory for a default one,
+    closed on return) that receives ``{"params", "opt_state"}`` after every chunk its
+    ``save_interval_steps`` accepts and after the last step. If it already holds a step, training
+    resumes there (restored into the structure of ``params`` and ``optimizer.init(params)``, so
+    QArrays and optimizer states come back as such); the minibatch keys depend only on ``key`` and
+    the step, so a run resumed from a chunk end gives the same result as one never interrupted
+    (``losses`` then cover the steps this call ran, from ``start_step``). A checkpoint at or past
+    ``steps`` is returned as restored.
     """
+    mgr, own = _manager(checkpoint)
     optimizer = optimizer or optax.adam(1e-3)
     x, y = jnp.asarray(x), jnp.asarray(y)
     n = x.shape[0]
@@ -74,13 +102,25 @@ def fit(apply_fn: Callable, params, x, y, *, key: jax.Array, steps: int = 3000, 
         return p, s, losses
 
     losses = []
-    done = 0
-    while done < steps:
-        m = min(chunk, steps - done)
-        keys = jax.random.split(jax.random.fold_in(key, done), m)
-        params, opt_state, l = run_chunk(params, opt_state, key, keys)
-        losses.append(np.asarray(l))
-        done += m
-        if progress is not None:
-            progress(done, float(l[-1]))
-    return FitResult(params, np.concatenate(losses) if losses else np.zeros(0), opt_state)
+    done = saved = 0
+    try:
+        if mgr is not None and mgr.latest_step() is not None:
+            done = saved = mgr.latest_step()
+            state = mgr.restore(done, like={"params": params, "opt_state": opt_state})
+            params, opt_state = state["params"], state["opt_state"]
+        start = done
+        while done < steps:
+            m = min(chunk, steps - done)
+            keys = jax.random.split(jax.random.fold_in(key, done), m)
+            params, opt_state, l = run_chunk(params, opt_state, key, keys)
+            losses.append(np.asarray(l))
+            done += m
+            if mgr is not None and (mgr.should_save(done) or done == steps) and done != saved:
+                mgr.save(done, {"params": params, "opt_state": opt_state}, force=True)
+                saved = done
+            if progress is not None:
+                progress(done, float(l[-1]))
+    finally:
+        if own:
+            mgr.close()
+    return FitResult(params, np.concatenate(losses) if losses else np.zeros(0), opt_state, start)

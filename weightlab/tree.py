@@ -67,10 +67,24 @@ def _wrapper_types() -> tuple[type, ...]:
         return ()
     out = []
     for name in ("Variable", "VariableState"):
-        t = getattr(mod, name, None)
+        t = vars(mod).get(name)  # not getattr: flax 0.12 answers 'VariableState' with a deprecation warning
         if isinstance(t, type):
             out.append(t)
     return tuple(out)
+
+
+def _unwrap(var, is_leaf) -> list[tuple[tuple, Any]]:
+    """The leaves under one wrapper with their key paths *below its own key*: a ``Variable``
+    flattens to its one child under ``GetAttrKey('value')``, and that component is dropped whatever
+    the child is (an array, or a pytree node such as a QArray: ``kernel/codes``, not
+    ``kernel/value/codes``). A wrapper that ever holds several children keeps their keys."""
+    children, _ = jax.tree_util.tree_flatten_with_path(var, is_leaf=lambda y: y is not var)
+    drop = len(children) == 1
+    out = []
+    for ckp, child in children:
+        below, _ = jax.tree_util.tree_flatten_with_path(child, is_leaf=is_leaf)
+        out.extend(((() if drop else tuple(ckp)) + tuple(ikp), leaf) for ikp, leaf in below)
+    return out
 
 
 def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
@@ -94,11 +108,7 @@ def flatten_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = Non
     pairs: list[tuple[str, Any]] = []
     for kp, x in outer:
         if wrappers and isinstance(x, wrappers):
-            inner, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=is_leaf)
-            if len(inner) == 1:
-                pairs.append((keystr(kp), inner[0][1]))
-            else:
-                pairs.extend((keystr(tuple(kp) + tuple(ikp)), leaf) for ikp, leaf in inner)
+            pairs.extend((keystr(tuple(kp) + ikp), leaf) for ikp, leaf in _unwrap(x, is_leaf))
         else:
             pairs.append((keystr(kp), x))
     treedef = jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
