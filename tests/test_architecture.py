@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "weightlab"
 GROUND = ["tree.py", "errors.py", "core.py", "dtypes.py", "registry.py", "_lazy.py"]
 ABOVE_GROUND = {"io", "quant", "merge", "models", "data", "lab", "kernels", "align", "lopt", "shard", "train", "eval",
+                "evaluate", "evalcli", "interop",
                 "cli", "cliargs"}
 
 

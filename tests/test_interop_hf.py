@@ -87,6 +87,11 @@ def _embed_torch_state(tensors: dict, cfg_dir: Path, sentences=SENTENCES):
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
 
 
+# task_arithmetic: its in-memory reference is cheap (the streaming TIES/DARE/... are checked against
+# the in-memory methods tensor by tensor in test_merge_stream.py).
+TA = {"merge_method": "task_arithmetic", "base_model": "base",
+      "models": [{"model": "ft-a", "parameters": {"weight": 1.0}}, {"model": "ft-b", "parameters": {"weight": 0.7}}],
+      "parameters": {"normalize": False}, "dtype": "float32"}
 TIES = {"merge_method": "ties", "base_model": "base",
         "models": [{"model": "ft-a", "parameters": {"weight": 1.0, "density": 0.5}},
                    {"model": "ft-b", "parameters": {"weight": 0.7, "density": 0.4}}],
@@ -101,10 +106,10 @@ def _abs(cfg: dict, root: Path) -> dict:
     return json.loads(txt)
 
 
-def test_ties_output_loads_in_transformers_and_matches_in_memory_merge(tiny):
+def test_merge_output_loads_in_transformers_and_matches_in_memory_merge(tiny):
     root, dirs = tiny
-    out = root / "ties-out"
-    assert main(["merge", str(_config(root, _abs(TIES, root))), str(out), "--max-shard-size", "300KB"]) == 0
+    out = root / "ta-out"
+    assert main(["merge", str(_config(root, _abs(TA, root))), str(out), "--max-shard-size", "300KB"]) == 0
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "README.md", "model.safetensors.index.json", "mergekit_config.yml", *TOK_FILES} <= files
     shards = sorted(out.glob("model-*.safetensors"))
@@ -116,15 +121,15 @@ def test_ties_output_loads_in_transformers_and_matches_in_memory_merge(tiny):
     ld = lambda n: load_file(str(dirs[n] / "model.safetensors"))
     b, a, c = ld("base"), ld("ft-a"), ld("ft-b")
     floats = [k for k in b if b[k].dtype.kind == "f"]
-    ref = merge.ties({k: b[k] for k in floats}, [{k: a[k] for k in floats}, {k: c[k] for k in floats}],
-                     weight=[1.0, 0.7], density=[0.5, 0.4], normalize=True)
+    ref = merge.task_arithmetic({k: b[k] for k in floats}, [{k: a[k] for k in floats}, {k: c[k] for k in floats}],
+                                weight=[1.0, 0.7], normalize=False)
     ref = {k: np.asarray(v) for k, v in ref.items()} | {k: b[k] for k in b if k not in floats}
     got, model = _embed_hf(out)
     want = _embed_torch_state(ref, dirs["base"])
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.max(np.abs(got - _embed_torch_state(b, dirs["base"]))) > 1e-3  # the merge changed something
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model:") and "ties" in card and "mergekit" in card
+    assert card.startswith("---\nbase_model:") and "task_arithmetic" in card and "mergekit" in card
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
@@ -243,7 +248,7 @@ def test_tokenizer_larger_than_embedding_refused(tiny, capsys):
 @pytest.mark.real
 @pytest.mark.slow
 def test_minilm_merge_loads_with_automodel_and_embeds(tmp_path):
-    """The real all-MiniLM-L6-v2: a TIES merge of two perturbed fine-tunes loads with
+    """The real all-MiniLM-L6-v2: a task-arithmetic merge of two perturbed fine-tunes loads with
     AutoModel.from_pretrained and embeds like the in-memory merge run through weightlab's own BERT."""
     import jax.numpy as jnp
 
@@ -261,11 +266,11 @@ def test_minilm_merge_loads_with_automodel_and_embeds(tmp_path):
         fts.append(ft)
     _write_model(tmp_path / "base", base, cfgd, src)
     out = tmp_path / "out"
-    assert main(["merge", str(_config(tmp_path, _abs(TIES, tmp_path))), str(out)]) == 0
+    assert main(["merge", str(_config(tmp_path, _abs(TA, tmp_path))), str(out)]) == 0
     got, _ = _embed_hf(out)
     floats = [k for k in base if base[k].dtype.kind == "f"]
-    ref = merge.ties({k: base[k] for k in floats}, [{k: f[k] for k in floats} for f in fts],
-                     weight=[1.0, 0.7], density=[0.5, 0.4], normalize=True)
+    ref = merge.task_arithmetic({k: base[k] for k in floats}, [{k: f[k] for k in floats} for f in fts],
+                                weight=[1.0, 0.7], normalize=False)
     model = bert.load_minilm(out)  # weightlab's own loader on the merged directory
     params = bert.hf_to_params({k: np.asarray(v) for k, v in ref.items()})
     want = model.encode(SENTENCES, params=params)
