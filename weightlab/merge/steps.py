@@ -64,9 +64,11 @@ def _kth_largest(a, k):
     return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
+@_lazy.jit(static_argnames="k")
 def _topk_mask(a, k):
     """Mask of the k largest entries of a non-negative 1-D array (magnitudes); among equal values
-    the lower index wins (the set a stable descending argsort picks)."""
+    the lower index wins (the set a stable descending argsort picks). Jitted (cached per shape and
+    k): called eagerly, the bisection loop would be traced again for every tensor."""
     n = a.shape[0]
     if k <= 0:
         return jnp.zeros(a.shape, bool)
