@@ -89,7 +89,7 @@ def test_everything_listed_comes_from_the_registries():
         assert name in help_text, name
     q = build_parser(["quantize"])._subparsers._group_actions[0].choices["quantize"]
     choices = next(a.choices for a in q._actions if a.dest == "method")
-    assert list(choices) == quant.METHODS.names(calibrated=False)
+    assert list(choices) == quant.METHODS.names()
 
 
 def test_a_new_recipe_is_one_function_and_works_everywhere(tmp_path):

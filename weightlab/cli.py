@@ -14,8 +14,11 @@ weightlab: quantize, merge, align and learn to optimize neural-network weights (
 
 commands:
   info PATH      what is in a checkpoint: tensors, shapes, dtypes, true bytes, parameter count
-  quantize IN OUT  quantize a checkpoint's linear weights (rtn/hqq/any4; int, nf4, fp8, mxfp4, nvfp4 ...)
-  merge CFG OUT  merge checkpoints from a mergekit YAML config, streamed tensor by tensor
+  quantize IN OUT  quantize a checkpoint's linear weights (rtn/hqq/any4, gptq/awq on calibration text;
+                 int, nf4, fp8, mxfp4, nvfp4 ...); --export gptq|compressed-tensors|nf4-bnb
+  merge CFG OUT  merge checkpoints from a mergekit YAML config, streamed; the output loads in transformers
+  mergekit-yaml CFG OUT  the same with mergekit-yaml's flags and defaults
+  eval MODEL     size, weight error and task metrics vs --reference (bert: embeddings, llama: KL/perplexity)
   extract-lora   PEFT LoRA adapter from base + fine-tune by truncated SVD
   merge-lora     merge PEFT LoRA adapters into one, in factor space (concat or SVD re-factoring)
   methods        every registered quantization and merge method, with a one-line summary
@@ -28,6 +31,8 @@ examples:
   weightlab quantize ./hf-dir q.safetensors --method hqq --bits 4 --group-size 64
   weightlab info q.safetensors              # shows the quantized tensors' formats and true sizes
   weightlab merge ties.yml merged/ --dry-run  # validate a mergekit config against the checkpoints
+  weightlab quantize ./hf-dir q/ --method gptq --export compressed-tensors   # loads in transformers
+  weightlab eval q.safetensors --reference ./hf-dir
   weightlab demo --out demo_out             # a few minutes on 2 CPU cores
   weightlab demo --quick                    # shorter training, for a smoke test
 
@@ -37,42 +42,67 @@ Run `weightlab COMMAND --help` for a command's options.
 
 def _add_quantize_parser(sub, full: bool) -> None:
     """``full``: list the registered methods (imports the quantizers, so only when this command runs)."""
-    from .cliargs import group_size, integer, regex
+    from .cliargs import group_size, integer, regex, seed
     from .quant.defaults import DEFAULTS
 
     methods = None
     if full:
         from .quant.registry import METHODS
 
-        methods = METHODS.names(calibrated=False)
+        methods = METHODS.names()
     q = sub.add_parser(
-        "quantize", help="quantize a safetensors checkpoint (data-free methods)",
-        description="Quantize every 2-D float tensor whose name matches --select (and not --exclude) with a "
-                    "data-free method, and write a safetensors file whose header records each QArray's layout "
-                    "(`weightlab info` shows true sizes; weightlab.quant.load rebuilds the QArrays). "
-                    "Calibration-based methods (GPTQ, AWQ) run from Python: "
-                    "weightlab.quant.quantize(params, 'gptq', apply_fn=..., batches=...). "
+        "quantize", help="quantize a checkpoint (data-free methods, or GPTQ/AWQ calibrated on text)",
+        description="Quantize every 2-D float tensor whose name matches --select (and not --exclude) and write a "
+                    "safetensors file whose header records each QArray's layout (`weightlab info` shows true "
+                    "sizes; weightlab.quant.load rebuilds the QArrays), or with --export a directory in another "
+                    "library's format. Data-free methods (rtn, hqq, any4) take any checkpoint. Calibrated methods "
+                    "(gptq, awq) run the model on calibration text, so they take a Hugging Face directory "
+                    "(config.json, tokenizer.json) of an architecture weightlab runs (model_type bert or llama); "
+                    "the output keeps the checkpoint's tensor names and (out, in) layouts. "
                     "`weightlab methods` lists every method.",
         epilog="examples:\n  weightlab quantize model.safetensors q.safetensors --method rtn --bits 4 --group-size 128\n"
                "  weightlab quantize ./hf-dir q.safetensors --method hqq --bits 3 --group-size 64\n"
                "  weightlab quantize ./hf-dir q.safetensors --method rtn --format nf4 --group-size 64\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method gptq --bits 4 --group-size 128 --act-order\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method gptq --rotate --seed 0 --calibration text.txt\n"
+               "  weightlab quantize ./hf-dir q.safetensors --method awq --calibration-samples 128 --seq-len 512\n"
+               "  weightlab quantize ./hf-dir q-gptq/ --method gptq --export gptq\n"
                "  weightlab quantize ./hf-dir q.safetensors --method any4 --dry-run",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    q.add_argument("input", help="a .safetensors file or a Hugging Face checkpoint directory")
-    q.add_argument("output", help="output .safetensors file (refused if it exists, unless --overwrite)")
-    q.add_argument("--method", default="rtn", choices=methods, help="a data-free quantizer (default rtn)")
+    q.add_argument("input", help="a .safetensors file or a Hugging Face checkpoint directory (gptq/awq: a directory)")
+    q.add_argument("output", help="output .safetensors file, or directory with --export (refused if it exists, "
+                                  "unless --overwrite)")
+    q.add_argument("--method", default="rtn", choices=methods, help="a quantizer (default rtn); gptq and awq are "
+                                                                     "calibrated")
     q.add_argument("--format", default=None, help=f"rtn: int (symmetric), uint (asymmetric), nf4, fp4_e2m1, fp8_e4m3, "
-                                                  f"fp8_e5m2, mxfp4, nvfp4 (default {DEFAULTS['fmt']})")
-    q.add_argument("--bits", type=integer(2, 8), default=None, help=f"bits of int formats (rtn, hqq; default {DEFAULTS['bits']})")
+                                                  f"fp8_e5m2, mxfp4, nvfp4; gptq: int, uint, nf4, fp4_e2m1; awq: "
+                                                  f"int, uint (default {DEFAULTS['fmt']})")
+    q.add_argument("--bits", type=integer(2, 8), default=None, help=f"bits of int formats (rtn, hqq, gptq, awq; default "
+                                                                    f"{DEFAULTS['bits']})")
     q.add_argument("--group-size", type=group_size, default=None, help="weights per scale along the input axis: a number, 'auto' "
                                                       "(128, or the format's block), 'channel' or 'tensor' "
                                                       "(default auto)")
-    q.add_argument("--axis", type=integer(), default=None, help="input axis; default -1 for names ending in '.weight' "
-                                                          "(PyTorch (out, in)) and -2 otherwise")
+    q.add_argument("--axis", type=integer(), default=None, help="input axis (data-free methods); default -1 for names "
+                                                          "ending in '.weight' (PyTorch (out, in)) and -2 otherwise")
     q.add_argument("--select", type=regex, default=DEFAULTS["select"],
                    help=f"regex of tensors to quantize (default {DEFAULTS['select']!r})")
     q.add_argument("--exclude", type=regex, default=DEFAULTS["exclude"],
                    help=f"regex of tensors to keep (default {DEFAULTS['exclude']!r})")
+    c = q.add_argument_group("calibration (gptq, awq)")
+    c.add_argument("--calibration", metavar="FILE", default=None,
+                   help="calibration text, one text per line (default: the bundled English sentences)")
+    c.add_argument("--calibration-samples", metavar="N", type=integer(1), default=None,
+                   help="use the first N texts (default all)")
+    c.add_argument("--seq-len", type=integer(1), default=None,
+                   help="tokens per text at most (default 256, or the model's positions if fewer)")
+    c.add_argument("--act-order", action="store_true", help="gptq: quantize inputs in order of decreasing Hessian "
+                                                            "diagonal (static groups)")
+    c.add_argument("--rotate", action="store_true", help="gptq: random Hadamard rotation of each weight's inputs, "
+                                                         "kept in the QArray (QuaRot/QuIP incoherence)")
+    c.add_argument("--seed", type=seed, default=None, help="seed of --rotate's rotations (default 0)")
+    q.add_argument("--export", choices=("gptq", "compressed-tensors", "nf4-bnb"), default=None,
+                   help="write OUTPUT as a checkpoint directory in this format (weightlab.interop) instead of "
+                        "one weightlab .safetensors file")
     q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=_run_quantize)
@@ -189,6 +219,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
     _add_quantize_parser(sub, full=argv is None or argv[:1] == ["quantize"])
     merge_cli.add_parser(sub)
+    from . import evalcli
+
+    evalcli.add_parser(sub)
     ms = sub.add_parser("methods", help="list every registered method (quantization, merging)",
                         description="The methods each pillar's registry knows, with a one-line summary.")
     ms.add_argument("--pillar", choices=["merge", "quant"], default=None)

@@ -14,6 +14,9 @@ Our parameter layout (Hugging Face name -> our path; linear weights are transpos
 ``encoder.layer.i.intermediate.dense -> encoder/layer_i/mlp/up``,
 ``encoder.layer.i.output.dense -> encoder/layer_i/mlp/down``,
 ``encoder.layer.i.output.LayerNorm -> encoder/layer_i/mlp_norm``; LayerNorm weight/bias -> scale/bias.
+A quantized kernel (:class:`~weightlab.quant.QArray`) crosses the name conversion too, with its
+layout transposed (:func:`transpose_qarray`), so ``quant.save(out, params_to_hf(q))`` writes a
+quantized checkpoint under Hugging Face names and layouts.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import tree as wtree
-from ..errors import CheckpointError, DependencyMissingError
+from ..errors import CheckpointError, DependencyMissingError, QuantizationError, ShapeMismatchError
 from .layers import attention
 
-__all__ = ["BertConfig", "bert_apply", "sentence_embedding", "hf_to_params", "params_to_hf", "minilm_path",
-           "MiniLM", "load_minilm"]
+__all__ = ["BertConfig", "bert_apply", "sentence_embedding", "hf_to_params", "params_to_hf", "transpose_qarray",
+           "param_path", "expected_shapes", "check_shapes", "minilm_path", "MiniLM", "load_minilm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,33 +134,117 @@ def hf_to_params(flat: dict[str, np.ndarray], *, strip_prefix: str = "") -> dict
             name = name[len(strip_prefix):]
         if _SKIP.search(name):
             continue
-        for rx, tmpl, transpose in _RULES:
-            m = re.fullmatch(rx, name)
-            if m:
-                out[tmpl.format(*m.groups())] = np.asarray(arr).T if transpose else arr
-                break
-        else:
-            raise CheckpointError(f"'{name}': not a BERT tensor name we know")
+        path, transpose = param_path(name)
+        out[path] = _transposed(arr, name) if transpose else arr
     return wtree.from_flat_dict(out)
 
 
+def param_path(name: str) -> tuple[str, bool]:
+    """Our path of a Hugging Face BERT tensor name, and whether its layout is transposed."""
+    for rx, tmpl, transpose in _RULES:
+        m = re.fullmatch(rx, name)
+        if m:
+            return tmpl.format(*m.groups()), transpose
+    raise CheckpointError(f"'{name}': not a BERT tensor name we know")
+
+
 def params_to_hf(params) -> dict[str, np.ndarray]:
-    """Inverse of :func:`hf_to_params` (for writing checkpoints that Hugging Face code loads)."""
+    """Inverse of :func:`hf_to_params` (for writing checkpoints that Hugging Face code loads). Kernels
+    go back to (out, in); a QArray kernel is transposed with :func:`transpose_qarray` (its group axis
+    -2 on (in, out) becomes -1 on (out, in)), other QArrays pass as they are."""
     inv = []
     for rx, tmpl, transpose in _RULES:
         hf = rx.replace(r"\.", ".").replace(r"(\d+)", "{0}").replace("(query|key|value)", "{1}")
         ours = re.escape(tmpl).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", "(query|key|value)")
         inv.append((ours, hf, transpose))
     out = {}
-    for path, arr in wtree.to_flat_dict(params).items():
+    for path, arr in wtree.flatten_with_paths(params, is_leaf=_is_qarray)[0]:
         for ours, hf, transpose in inv:
             m = re.fullmatch(ours, path)
             if m:
-                out[hf.format(*m.groups())] = np.asarray(arr).T if transpose else np.asarray(arr)
+                out[hf.format(*m.groups())] = (_transposed(arr, path) if transpose else
+                                               arr if _is_qarray(arr) else np.asarray(arr))
                 break
         else:
             raise CheckpointError(f"'{path}': not a BERT parameter path")
     return out
+
+
+def _is_qarray(x) -> bool:
+    from ..quant.qarray import is_qarray
+
+    return is_qarray(x)
+
+
+def _transposed(arr, name: str):
+    return transpose_qarray(arr, path=name) if _is_qarray(arr) else np.asarray(arr).T
+
+
+_LAYOUT_CHILDREN = {"codes", "scale", "zero", "lut"}   # laid out like the weight: transposed with it
+_FREE_CHILDREN = {"tensor_scale", "pre", "lr_a", "lr_b", "g_idx"}  # scalar, or defined on the input axis K
+
+
+def transpose_qarray(q, *, path: str = ""):
+    """The QArray of ``W.T`` for a 2-D QArray of ``W``, with no requantization: packed codes, group
+    scales and zeros (grouped layout ``(G, 1, N)`` <-> ``(N, G, 1)``) and per-row tables are
+    transposed, the group axis moves with them (0 -> 1 or 1 -> 0), and the input transform and
+    low-rank correction, which QArray defines on the input axis whatever the layout, are kept. So
+    ``transpose_qarray(q).dequantize() == q.dequantize().T`` exactly. A component it does not know
+    (added to QArray later) is a :class:`QuantizationError`, never silently dropped."""
+    from ..quant.qarray import QArray
+
+    spec = q.spec()
+    if len(q.shape) != 2 or np.ndim(q.codes) != 2:
+        raise QuantizationError(f"'{path}': only a single 2-D QArray can be transposed, found shape {q.shape} "
+                                f"with codes {np.shape(q.codes)}")
+    unknown = [n for n in spec["children"] if n not in _LAYOUT_CHILDREN | _FREE_CHILDREN]
+    if unknown:
+        raise QuantizationError(f"'{path}': cannot transpose the QArray component(s) {unknown}")
+    a = q.axis % 2
+    perm3 = (2, 0, 1) if a == 0 else (1, 2, 0)  # (G, 1, N) -> (N, G, 1) and back
+
+    def t(x):
+        return x if np.ndim(x) < 2 else jnp.transpose(x, perm3) if np.ndim(x) == 3 else jnp.swapaxes(x, 0, 1)
+
+    children = {n: (t(getattr(q, n)) if n in _LAYOUT_CHILDREN else getattr(q, n)) for n in spec["children"]}
+    return QArray.from_spec(dict(spec, shape=[q.shape[1], q.shape[0]], axis=1 - a), children)
+
+
+def expected_shapes(config: BertConfig, *, pooler: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of a BERT encoder with ``config``, with its (out, in) shape."""
+    h, i_, c = config.hidden_size, config.intermediate_size, config
+    out = {"embeddings.word_embeddings.weight": (c.vocab_size, h),
+           "embeddings.position_embeddings.weight": (c.max_position, h),
+           "embeddings.token_type_embeddings.weight": (c.type_vocab_size, h),
+           "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,)}
+    for layer in range(c.num_layers):
+        p = f"encoder.layer.{layer}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            out[p + n + ".weight"], out[p + n + ".bias"] = (h, h), (h,)
+        out[p + "intermediate.dense.weight"], out[p + "intermediate.dense.bias"] = (i_, h), (i_,)
+        out[p + "output.dense.weight"], out[p + "output.dense.bias"] = (h, i_), (h,)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            out[p + n + ".weight"], out[p + n + ".bias"] = (h,), (h,)
+    if pooler:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = (h, h), (h,)
+    return out
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], config: BertConfig, source: str = "checkpoint") -> None:
+    """Refuse tensors (names without prefix, with their header shapes) that contradict ``config``,
+    before any data is read: a missing or unknown tensor is a :class:`CheckpointError`, a wrong shape
+    a :class:`ShapeMismatchError`, each naming the tensor. The pooler is optional."""
+    want = expected_shapes(config)
+    names = [n for n in shapes if not _SKIP.search(n)]
+    for n in names:
+        if n not in want:
+            raise CheckpointError(f"{source}: '{n}' is not a tensor of this BERT config ({config.num_layers} layers)")
+        if tuple(shapes[n]) != want[n]:
+            raise ShapeMismatchError(n, want[n], tuple(shapes[n]))
+    missing = [n for n in expected_shapes(config, pooler=False) if n not in set(names)]
+    if missing:
+        raise CheckpointError(f"{source}: config.json describes '{missing[0]}', which the checkpoint lacks "
+                              f"({len(missing)} tensors missing)")
 
 
 # ----------------------------------------------------------------------------- the real MiniLM

@@ -1,16 +1,23 @@
-"""``weightlab quantize``: data-free quantization of a safetensors checkpoint, with any registered
-data-free method. Which options a method takes comes from its registry entry: an option the method
-does not have is a usage error, not silently ignored."""
+"""``weightlab quantize``: quantization of a safetensors checkpoint with any registered method.
+Data-free methods (RTN, HQQ, any4) run tensor by tensor on any checkpoint; calibrated ones (GPTQ,
+AWQ) run the model itself on calibration text, so they need a Hugging Face directory of a bundled
+architecture (:mod:`.cli_calib`). Which options a method takes comes from its registry entry: an
+option the method does not have is a usage error, not silently ignored. ``--export`` writes a
+directory in another library's format through :func:`weightlab.interop.export_checkpoint`."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from pathlib import Path
 
-from ..errors import QuantizationError, UsageError
+from ..errors import DependencyMissingError, QuantizationError, UsageError
 
-_FLAGS = {"fmt": "--format", "bits": "--bits", "group_size": "--group-size"}
+_FLAGS = {"fmt": "--format", "bits": "--bits", "group_size": "--group-size", "act_order": "--act-order"}
+CALIBRATION_FLAGS = {"calibration": "--calibration", "calibration_samples": "--calibration-samples",
+                     "seq_len": "--seq-len", "act_order": "--act-order", "rotate": "--rotate", "seed": "--seed"}
+"""Options that only calibrated methods take (``None``/``False`` = not given)."""
 
 
 def method_kwargs(args) -> dict:
@@ -21,10 +28,16 @@ def method_kwargs(args) -> dict:
     from .registry import METHODS
 
     entry = METHODS[args.method]
-    if entry.calibrated:
-        raise UsageError(f"{args.method} needs calibration data; from the CLI only data-free methods run "
-                         f"({', '.join(METHODS.names(calibrated=False))}); use weightlab.quant.quantize from Python")
-    given = {"fmt": args.format, "bits": args.bits, "group_size": args.group_size}
+    if not entry.calibrated:
+        given = [f for k, f in CALIBRATION_FLAGS.items() if getattr(args, k, None) not in (None, False)]
+        if given:
+            raise UsageError(f"{given[0]} applies to the calibrated methods only "
+                             f"({', '.join(METHODS.names(calibrated=True))}), not to --method {args.method}")
+    elif getattr(args, "axis", None) is not None:
+        raise UsageError(f"--axis does not apply to --method {args.method}: the model's own matmuls give each "
+                         "weight's input axis")
+    given = {"fmt": args.format, "bits": args.bits, "group_size": args.group_size,
+             "act_order": True if getattr(args, "act_order", False) else None}
     kw = {}
     for k, v in given.items():
         if v is None:
@@ -44,6 +57,45 @@ def method_kwargs(args) -> dict:
     return kw
 
 
+def exporter(args):
+    """``weightlab.interop.export_checkpoint`` when ``--export`` is given (None otherwise), imported
+    before any work so a build without it fails at once."""
+    if getattr(args, "export", None) is None:
+        return None
+    try:
+        from ..interop import export_checkpoint
+    except ImportError as e:
+        raise DependencyMissingError(f"--export {args.export} needs weightlab.interop, which this installation "
+                                     f"lacks ({e}); write the weightlab .safetensors file instead (drop "
+                                     "--export)") from None
+    return export_checkpoint
+
+
+def hf_config(path) -> dict | None:
+    """The ``config.json`` of a checkpoint directory (None for a file or a directory without one)."""
+    f = Path(path) / "config.json"
+    if not Path(path).is_dir() or not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{f}: not a readable JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{f}: a config.json must hold a JSON object")
+    return cfg
+
+
+def write(args, flat: dict, metadata: dict, config: dict | None, export) -> None:
+    """Write the HF-named ``flat`` tree: one weightlab .safetensors file (QArray layouts in its
+    header), or with ``--export`` a directory in that format (atomic either way)."""
+    from . import save
+
+    if export is None:
+        save(args.output, flat, metadata=metadata, overwrite=args.overwrite)
+    else:
+        export(flat, args.output, args.export, config=config, overwrite=args.overwrite)
+
+
 def _existing_qarrays(c, source: str) -> dict:
     """QArrays already in the input (a partly quantized checkpoint), rebuilt from the header's
     layouts so they are written back with their layouts (never as raw codes/scale tensors)."""
@@ -57,15 +109,23 @@ def _existing_qarrays(c, source: str) -> dict:
 def run(args) -> int:
     from .. import io as wio
     from ..cliargs import output
-    from . import check_quantizable, quantize_array, save
+    from . import check_quantizable, quantize_array
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ..dtypes import is_floating
 
+    from .registry import METHODS
+
     kw = method_kwargs(args)
+    if METHODS[args.method].calibrated:
+        from .cli_calib import run_calibrated
+
+        return run_calibrated(args, kw)
     output(args.output, args.overwrite, args.dry_run)
+    export = exporter(args)
+    config = hf_config(args.input) if export is not None else None
     sel = re.compile(args.select)
     exc = re.compile(args.exclude) if args.exclude else None
     t0 = time.time()
@@ -110,8 +170,8 @@ def run(args) -> int:
                 q_bytes += q.nbytes
             else:
                 out[name] = np.asarray(arr)
-    save(args.output, out, metadata={"weightlab.recipe": {"method": args.method, **kw, "source": str(args.input)}},
-         overwrite=args.overwrite)
+    write(args, out, {"weightlab.recipe": {"method": args.method, **kw, "source": str(args.input)}},
+          config, export)
     print(f"wrote {args.output}: quantized tensors {dense_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB "
           f"({dense_bytes / max(q_bytes, 1):.2f}x smaller) in {time.time() - t0:.1f}s")
     return 0
