@@ -235,16 +235,8 @@ BAD = [  # (setup(root) -> argv, expected message); every case fails before any 
 ]
 
 
-def _interop():
-    try:
-        from weightlab.interop import export_checkpoint  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-if _interop():  # the export format's own checks run on abstract QArrays, before calibration
-    BAD += [("export_awq_to_gptq", lambda d: ({}, ["--method", "awq", "--export", "gptq"]), "'pre'"),
+# the export format's own checks run on abstract QArrays, before calibration
+BAD += [("export_awq_to_gptq", lambda d: ({}, ["--method", "awq", "--export", "gptq"]), "'pre'"),
             ("export_gptq_to_bnb", lambda d: ({}, ["--export", "nf4-bnb"]), "nf4")]
 
 
@@ -289,13 +281,6 @@ def test_dry_run_writes_nothing(llama_dir, tmp_path, capsys):
     assert "quantize model.layers.1.mlp.down_proj.weight (64, 128)" in text and not out.exists()
 
 
-@pytest.mark.skipif(_interop(), reason="weightlab.interop is installed")
-def test_export_without_interop_is_a_clear_error(llama_dir, tmp_path, capsys):
-    assert run_cli(llama_dir, tmp_path / "out", "--method", "gptq", "--export", "gptq") == 2
-    assert "needs weightlab.interop" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not _interop(), reason="weightlab.interop is not installed yet")
 def test_export_gptq_directory(llama_dir, tmp_path):
     from weightlab.interop import import_checkpoint
 
@@ -305,6 +290,39 @@ def test_export_gptq_directory(llama_dir, tmp_path):
     tensors, config = import_checkpoint(out)
     assert config["quantization_config"]["quant_method"] == "gptq" and config["model_type"] == "llama"
     assert len(codes_of(tensors)) == 14 and "model.layers.1.mlp.up_proj.weight" in tensors
+    assert (out / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
+
+
+def test_export_gptq_falls_back_to_v2_when_a_zero_point_is_0(tmp_path, capsys):
+    """AutoGPTQ's v1 layout stores zero - 1, so a zero point of 0 cannot be written; after an
+    expensive calibration the CLI writes gptq_v2 (with a note) instead of failing."""
+    import argparse
+
+    from weightlab.interop import import_checkpoint
+    from weightlab.quant import cli as qcli
+
+    w = jax.random.uniform(jax.random.key(0), (64, 64)) + 0.1   # all positive: the asymmetric grid's zero is 0
+    q = quant.quantize_array(w, "rtn", fmt="uint", bits=4, group_size=32, axis=-1)
+    assert int(np.min(np.asarray(q.zero))) == 0
+    flat = {"model.layers.0.mlp.up_proj.weight": q}
+    for choice, want in (("gptq", "gptq_v2"), ("gptq-v2", "gptq_v2")):
+        args = argparse.Namespace(output=tmp_path / choice, overwrite=False, export=choice, input=tmp_path)
+        qcli.write(args, flat, {}, {"model_type": "llama"}, qcli.exporter(args))
+        back, config = import_checkpoint(tmp_path / choice)
+        assert config["quantization_config"]["checkpoint_format"] == want
+        np.testing.assert_array_equal(np.asarray(back["model.layers.0.mlp.up_proj.weight"].dequantize(np.float32)),
+                                      np.asarray(q.dequantize(np.float32)))
+    assert "zero points of 0" in capsys.readouterr().out
+
+
+def test_act_order_qarrays_do_not_take_the_fused_kernel():
+    from weightlab.quant.matmul import kernel_supports
+
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    h = np.cov(np.asarray(jax.random.normal(jax.random.key(1), (256, 64))).T) + np.diag(np.arange(64.0))
+    q = quant.gptq_quantize(w, h, fmt="int", bits=4, group_size=32, act_order=True, static_groups=False)
+    assert q.g_idx is not None and not kernel_supports(q)
+    assert kernel_supports(quant.gptq_quantize(w, h, fmt="int", bits=4, group_size=32))
 
 
 # ------------------------------------------------------------------------------ the real MiniLM

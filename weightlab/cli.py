@@ -100,9 +100,10 @@ def _add_quantize_parser(sub, full: bool) -> None:
     c.add_argument("--rotate", action="store_true", help="gptq: random Hadamard rotation of each weight's inputs, "
                                                          "kept in the QArray (QuaRot/QuIP incoherence)")
     c.add_argument("--seed", type=seed, default=None, help="seed of --rotate's rotations (default 0)")
-    q.add_argument("--export", choices=("gptq", "compressed-tensors", "nf4-bnb"), default=None,
-                   help="write OUTPUT as a checkpoint directory in this format (weightlab.interop) instead of "
-                        "one weightlab .safetensors file")
+    q.add_argument("--export", choices=("gptq", "gptq-v2", "compressed-tensors", "nf4-bnb"), default=None,
+                   help="write OUTPUT as a checkpoint directory in this format (weightlab.interop), with the input's "
+                        "tokenizer files, instead of one weightlab .safetensors file (gptq: AutoGPTQ's v1 layout, "
+                        "v2 when a zero point is 0; gptq-v2: GPTQModel's)")
     q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=_run_quantize)

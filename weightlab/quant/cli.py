@@ -85,15 +85,51 @@ def hf_config(path) -> dict | None:
     return cfg
 
 
+def export_format(choice: str) -> tuple[str, dict]:
+    """``--export`` choice -> (weightlab.interop format, its options)."""
+    return ("gptq", {"checkpoint_format": "gptq_v2"}) if choice == "gptq-v2" else (choice, {})
+
+
+def _side_files(src) -> dict[str, bytes]:
+    """The tokenizer and generation config of an HF directory, copied into an exported directory."""
+    from pathlib import Path
+
+    from ..merge.hfout import TOKENIZER_FILES
+
+    d = Path(src)
+    names = TOKENIZER_FILES + ("generation_config.json",)
+    return {n: (d / n).read_bytes() for n in names if d.is_dir() and (d / n).is_file()}
+
+
+def _v1_cannot_hold(flat: dict) -> str | None:
+    """The first asymmetric QArray with a zero point of 0, which GPTQ's v1 layout cannot store."""
+    import numpy as np
+
+    from .qarray import is_qarray
+
+    return next((k for k, q in flat.items() if is_qarray(q) and q.zero is not None
+                 and bool(np.any(np.asarray(q.zero) == 0))), None)
+
+
 def write(args, flat: dict, metadata: dict, config: dict | None, export) -> None:
     """Write the HF-named ``flat`` tree: one weightlab .safetensors file (QArray layouts in its
-    header), or with ``--export`` a directory in that format (atomic either way)."""
+    header), or with ``--export`` a directory in that format with the input's tokenizer files
+    (atomic either way). ``--export gptq`` whose zero points include 0 (not storable in the v1
+    layout) is written as ``gptq_v2`` with a note rather than failing after the calibration."""
     from . import save
 
     if export is None:
         save(args.output, flat, metadata=metadata, overwrite=args.overwrite)
-    else:
-        export(flat, args.output, args.export, config=config, overwrite=args.overwrite)
+        return
+    fmt, options = export_format(args.export)
+    if args.export == "gptq":
+        bad = _v1_cannot_hold(flat)
+        if bad is not None:
+            print(f"note: '{bad}' has zero points of 0, which the GPTQ v1 layout (checkpoint_format 'gptq') cannot "
+                  "store; writing checkpoint_format 'gptq_v2' (GPTQModel reads it; --format int gives symmetric "
+                  "codes that v1 holds)")
+            options = {"checkpoint_format": "gptq_v2"}
+    export(flat, args.output, fmt, config=config, overwrite=args.overwrite, files=_side_files(args.input), **options)
 
 
 def _existing_qarrays(c, source: str) -> dict:

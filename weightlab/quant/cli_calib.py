@@ -192,12 +192,10 @@ def _check_export(fmt: str | None, abstract: dict) -> None:
     if fmt is None:
         return
     from .. import interop
+    from .cli import export_format
 
-    check = getattr(interop, "check_export", None)
-    if check is not None:
-        check(abstract, fmt)
-    elif hasattr(interop, "_module"):  # the per-format checks export_checkpoint itself runs first
-        interop._module(fmt).check(abstract)
+    name, options = export_format(fmt)
+    interop.check_export(abstract, name, **options)
 
 
 def run_calibrated(args, kw: dict) -> int:

@@ -19,11 +19,12 @@ def _mode(q: QArray) -> str:
 
 
 def kernel_supports(q) -> bool:
-    """Whether a QArray can use the fused kernel: 2-D, 4/8-bit int or 4-bit float-scaled tables."""
+    """Whether a QArray can use the fused kernel: 2-D, 4/8-bit int or 4-bit float-scaled tables, with
+    contiguous groups (an act-order ``g_idx`` takes the dequantizing path)."""
     from ..kernels import dequant_matmul as dm
 
     return (is_qarray(q) and q.ndim == 2 and q.fmt.scale_kind == "float" and q.fmt.kind in ("int", "lut")
-            and dm.supports(q.fmt.bits, _mode(q), q.group_size))
+            and getattr(q, "g_idx", None) is None and dm.supports(q.fmt.bits, _mode(q), q.group_size))
 
 
 def prepare(q: QArray, block_k: int | None = None):

@@ -9,6 +9,9 @@ blocks of ``block_size`` rows with one lazy batched update per block (exactly eq
 unblocked sweep). Options from the reference implementation: ``act_order`` (rows in order of
 decreasing H_ii) with ``static_groups`` (group scales fixed from the original weights, so inference
 needs no permutation), asymmetric or symmetric int grids, and any fixed-table format (NF4, FP4).
+With ``act_order`` and ``static_groups=False`` group j is the j-th run of ``g`` rows in the sweep
+order, not in the array: the QArray then carries ``g_idx`` (each input row's group, GPTQ's
+``desc_act`` layout), which its dequantization and the GPTQ checkpoint export read.
 
 The grid is :mod:`.grid`'s, shared by every quantizer. Deliberate difference from the reference: its
 symmetric grid (``2 max|w| / (2^b - 1)``) is replaced by weightlab's idempotent one (``max(max(w⁺) /
@@ -121,7 +124,9 @@ def _sweep(w, h, damp, *, fmt: Format, g: int, block: int, act_order: bool, stat
     w, codes, scales, zeros, _ = jax.lax.fori_loop(0, k // block, block_body, (w, codes, scales, zeros, cur))
     if static:
         scales, zeros = st_stored, st_z.astype(sdt)
-    return codes[inv], scales, zeros
+    # Without static groups, group j holds the rows quantized j-th in the (permuted) sweep order:
+    # original row r sits at position inv[r], so its group is inv[r] // g (act-order's g_idx).
+    return codes[inv], scales, zeros, (inv // g).astype(jnp.int32)
 
 
 def gptq_quantize(w, hessian, *, fmt=DEFAULTS["fmt"], bits: int | None = DEFAULTS["bits"],
@@ -148,15 +153,17 @@ def gptq_quantize(w, hessian, *, fmt=DEFAULTS["fmt"], bits: int | None = DEFAULT
     if tuple(np.shape(hessian)) != (k, k):
         raise QuantizationError(f"'{path}': Hessian shape {np.shape(hessian)} does not match {k} inputs")
     block = choose_block(k, g, block_size)
-    codes, scales, zeros = _sweep(wk, jnp.asarray(hessian, jnp.float32), jnp.float32(damp), fmt=fmt, g=g, block=block,
-                                  act_order=act_order, static_groups=static_groups, scale_dtype=jnp.dtype(scale_dtype))
+    codes, scales, zeros, g_idx = _sweep(wk, jnp.asarray(hessian, jnp.float32), jnp.float32(damp), fmt=fmt, g=g,
+                                         block=block, act_order=act_order, static_groups=static_groups,
+                                         scale_dtype=jnp.dtype(scale_dtype))
+    g_idx = g_idx if (act_order and not static_groups) else None  # else row i is in group i // g
     zero = zeros[:, None, :] if (fmt.kind == "int" and not fmt.symmetric) else None
     scale = scales[:, None, :]
     if ax == 1:  # back to (out, in): grouped layout (N, n_groups, 1)
         codes, scale = codes.T, jnp.transpose(scale, (2, 0, 1))
         zero = None if zero is None else jnp.transpose(zero, (2, 0, 1))
-    return QArray(pack(codes, fmt.bits, ax), scale, zero, shape=np.shape(w), dtype=np.dtype(w.dtype), fmt=fmt,
-                  group_size=g, axis=ax)
+    return QArray(pack(codes, fmt.bits, ax), scale, zero, g_idx=g_idx, shape=np.shape(w), dtype=np.dtype(w.dtype),
+                  fmt=fmt, group_size=g, axis=ax)
 
 
 def input_axis(stats, axis):
