@@ -100,6 +100,31 @@ def test_adamerging_learns_coefficients_and_lowers_entropy():
         merge.adamerging(run.params, fine, apply_fn=f, unlabeled=unl, granularity="block")
 
 
+def test_adamerging_resumes_from_a_checkpoint_manager(tmp_path):
+    """Stopped after 6 of 12 steps and restarted with the same manager, AdaMerging ends exactly where
+    an uninterrupted run ends (orbax step checkpoints of the coefficients and Adam state)."""
+    import optax
+    from weightlab.io import CheckpointManager
+    from weightlab.models import mlp
+
+    m = mlp(jax.random.key(0), in_dim=8, hidden=(16,), out_dim=4)
+    fine = [jax.tree.map(lambda w, i=i: w + 0.1 * jax.random.normal(jax.random.key(i), w.shape), m.params)
+            for i in range(2)]
+    unl = [[jax.random.normal(jax.random.key(10 + i), (32, 8))] for i in range(2)]
+    kw = dict(apply_fn=m.apply_fn, unlabeled=unl, granularity="layer", optimizer=optax.adam(5e-2))
+    whole = merge.adamerging_fit(m.params, fine, steps=12, **kw)
+    with CheckpointManager(tmp_path / "ck", save_interval_steps=3) as mgr:
+        merge.adamerging_fit(m.params, fine, steps=6, checkpoint=mgr, **kw)
+        assert mgr.all_steps() == [1, 3, 6]  # orbax saves the first step, then every 3rd, and the last
+    with CheckpointManager(tmp_path / "ck", save_interval_steps=3) as mgr:
+        rest = merge.adamerging_fit(m.params, fine, steps=12, checkpoint=mgr, **kw)
+        assert mgr.latest_step() == 12
+    assert len(rest.losses) == 6
+    for a, b in zip(jax.tree.leaves(whole.coefficients), jax.tree.leaves(rest.coefficients)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(whole.losses[6:]), np.asarray(rest.losses))
+
+
 def test_data_driven_methods_as_transforms_under_select():
     """Fisher merging as a transform: ``models=`` and ``fishers=`` are extras; under select both are
     masked to the selected leaves, and the result equals the plain function on those leaves."""

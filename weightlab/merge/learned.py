@@ -46,10 +46,13 @@ def _entropy(logits):
 
 def adamerging_fit(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequence[Any]],
                    granularity: str = "layer", init: float = 0.3, steps: int = 100,
-                   optimizer: Any = None) -> AdaMergingResult:
+                   optimizer: Any = None, checkpoint=None) -> AdaMergingResult:
     """Learn merging coefficients for ``models`` (fine-tunes of ``base``) from unlabeled batches,
     one list of batches per task (cycled through); returns the merge, the coefficients and the
-    entropy curve."""
+    entropy curve. ``checkpoint``: a :class:`weightlab.io.CheckpointManager` receiving the
+    coefficients and optimizer state at the steps its ``save_interval_steps`` accepts and at the
+    end; a run restarted with it resumes from its latest step and ends where an uninterrupted run
+    ends (the batches depend on the step only); ``losses`` then cover the steps this call ran."""
     if granularity not in ("task", "layer"):
         raise MergeError(f"granularity must be 'task' or 'layer', got {granularity!r}")
     x = inputs(base, models, name="adamerging")
@@ -73,11 +76,22 @@ def adamerging_fit(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequ
         c = jax.tree.map(lambda v: jnp.clip(v, 0.0, 1.0), optax.apply_updates(c, u))
         return c, s, l
 
-    losses = []
-    for i in range(steps):
+    losses, start = [], 0
+    if checkpoint is not None:
+        from ..io.manager import CheckpointManager
+
+        if not isinstance(checkpoint, CheckpointManager):
+            raise MergeError(f"checkpoint= takes a weightlab.io.CheckpointManager, got {type(checkpoint).__name__}")
+        if checkpoint.latest_step() is not None:
+            start = min(checkpoint.latest_step(), steps)
+            st = checkpoint.restore(start, like={"coefficients": coeffs, "opt_state": state})
+            coeffs, state = st["coefficients"], st["opt_state"]
+    for i in range(start, steps):
         batches = [jnp.asarray(u[i % len(u)]) for u in unlabeled]
         coeffs, state, l = step(coeffs, state, batches)
         losses.append(l)
+        if checkpoint is not None and (checkpoint.should_save(i + 1) or i + 1 == steps):
+            checkpoint.save(i + 1, {"coefficients": coeffs, "opt_state": state}, force=True)
     return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.stack(losses) if losses else jnp.zeros(0))
 
 
