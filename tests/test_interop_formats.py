@@ -450,6 +450,73 @@ def test_bnb_files_import_exactly_and_plain_ones_export_back_identical(tmp_path,
             assert again[k].tobytes() == v.numpy().tobytes(), k
 
 
+def test_bnb_skip_modules_name_every_unquantized_linear(tmp_path):
+    """transformers converts every nn.Linear not in llm_int8_skip_modules to a Linear4bit, so the
+    config lists the float 2-D weights' modules (and lm_head, for tied output embeddings), and a
+    float name that transformers would match against an NF4 module is refused."""
+    q = rtn(weight(), "nf4", None, 64)
+    tree = {"enc.0.q.weight": q, "enc.0.q.bias": np.zeros(64, np.float32), "pooler.dense.weight": weight(),
+            "emb.weight": weight(), "norm.weight": np.ones(64, np.float32), "ids.weight": np.zeros((2, 2), np.int64)}
+    export_checkpoint(tree, tmp_path / "b", "nf4-bnb")
+    qc = json.loads((tmp_path / "b/config.json").read_text())["quantization_config"]
+    assert qc["llm_int8_skip_modules"] == ["emb", "lm_head", "pooler.dense"]
+    export_checkpoint({"lm_head.weight": q}, tmp_path / "c", "nf4-bnb")
+    assert json.loads((tmp_path / "c/config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == []
+    with pytest.raises(QuantizationError, match="unconverted"):   # "q" is a suffix of "enc.0.q"
+        export_checkpoint({"enc.0.q.weight": q, "q.weight": weight()}, tmp_path / "d", "nf4-bnb")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_transformers_loads_bnb_nf4_minilm(tmp_path):
+    """`weightlab quantize --export nf4-bnb` of MiniLM loads in transformers + bitsandbytes on CPU:
+    every Linear4bit dequantizes bit for bit to our QArray, and the mean-pooled embeddings match the
+    pure-JAX BERT on our dequantized weights (float32 path: measured 2e-7; bitsandbytes' default CPU
+    path on AVX512-BF16 machines repacks the weight and runs in bfloat16: measured 1.5e-3)."""
+    pytest.importorskip("accelerate", reason="transformers loads bitsandbytes checkpoints only with accelerate "
+                                             "(pip install accelerate)")
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+
+    from weightlab import cli
+    from weightlab.models.bert import hf_to_params, load_minilm, minilm_path
+
+    out = tmp_path / "nf4"
+    assert cli.main(["quantize", str(minilm_path()), str(out), "--method", "rtn", "--format", "nf4",
+                     "--group-size", "64", "--export", "nf4-bnb"]) == 0
+    tree, _ = import_checkpoint(out)
+    model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(f"{n}.weight" for n in lin) == sorted(k for k, v in tree.items() if isinstance(v, QArray))
+    assert len(lin) == 36 and type(model.pooler.dense) is torch.nn.Linear
+    for n, m in lin.items():   # before any forward: bitsandbytes' CPU path repacks the weight at the first
+        deq = F.dequantize_4bit(m.weight.data, m.weight.quant_state).numpy()
+        np.testing.assert_array_equal(deq, np.asarray(tree[f"{n}.weight"].dequantize()), err_msg=n)
+
+    mini = load_minilm()
+    params = jax.tree.map(jnp.asarray, hf_to_params({k: v.dequantize() if isinstance(v, QArray) else v
+                                                      for k, v in tree.items()}))
+    b = mini.tokenize(["weights that travel", "a quick brown fox jumps over the lazy dog", "hi"])
+    ours = np.asarray(mini.apply_fn(params, {k: jnp.asarray(v) for k, v in b.items()}))
+
+    def embed():
+        with torch.no_grad():
+            h = model(**{k: torch.tensor(v).long() for k, v in b.items()}).last_hidden_state
+        m = torch.tensor(b["attention_mask"]).float()[..., None]
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
+
+    fast = {n: getattr(m, "support_avx512bf16_for_cpu", False) for n, m in lin.items()}
+    for m in lin.values():     # bitsandbytes' switch for its bfloat16 CPU kernel
+        m.support_avx512bf16_for_cpu = False
+    np.testing.assert_allclose(embed(), ours, atol=2e-5)
+    for n, m in lin.items():
+        m.support_avx512bf16_for_cpu = fast[n]
+    np.testing.assert_allclose(embed(), ours, atol=5e-3)
+
+
 # ------------------------------------------------------------------ bad input
 
 def fake_q(fmt="int4", shape=(64, 128), g=32, axis=1, scale=0.125, scale_dtype=np.float16, **children):

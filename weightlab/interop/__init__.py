@@ -104,7 +104,7 @@ def export_checkpoint(tree: Mapping[str, Any], out_dir, fmt: str, *, config: Map
     qs, plain = _split(tree)
     mod = _module(fmt)
     check_output(out_dir, overwrite=overwrite)
-    tensors, qc, extra = mod.export(qs, **options)
+    tensors, qc, extra = mod.export(qs, plain=plain, **options) if fmt == "nf4-bnb" else mod.export(qs, **options)
     clash = sorted(set(tensors) & set(plain))
     if clash:
         raise UsageError(f"'{clash[0]}': the {fmt} tensors of a QArray take this name, which the tree also holds")

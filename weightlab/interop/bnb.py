@@ -19,18 +19,30 @@ g (blocks of consecutive flattened elements). Export needs such a QArray (g one 
 block sizes 32..4096); import reads plain and double-quantized files (the nested absmax decoded to
 float32 scales as bitsandbytes decodes them). Export writes no double quantization: the 8-bit
 absmax would change the scales, so the file would no longer hold the QArray's values.
+
+transformers (``Bnb4BitHfQuantizer``) turns *every* ``nn.Linear`` / ``Conv1D`` of the model into a
+``Linear4bit`` except the modules listed in ``llm_int8_skip_modules`` (when that is null: its own
+defaults, the tied and output embeddings and the last parameter's module). A float ``X.weight`` read
+into a ``Linear4bit`` fails at the first forward (bitsandbytes asserts the packed ``(n, 1)`` shape),
+so export lists the module of every 2-D float ``.weight`` that it keeps unquantized (BERT's pooler,
+embeddings, lm_head ...), plus ``lm_head`` unless a QArray has that name (tied output embeddings
+have no tensor of their own). The names are full module names as in the file; transformers 5 reads
+each as a regex from the start of a module name or as a suffix, so export refuses a list that would
+also catch one of its NF4 modules.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from typing import Mapping
 
 import numpy as np
 
 from ..errors import CheckpointError, QuantizationError
 from ._common import check_groups, codes_of, float_dtype, host, pack_qarray_codes
 
-__all__ = ["BLOCKSIZES", "QS_KEY", "check", "export", "load"]
+__all__ = ["BLOCKSIZES", "QS_KEY", "check", "export", "load", "skip_modules"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -61,12 +73,45 @@ def check(items: dict) -> None:
                                     f"{q.dtype.name}")
 
 
-def export(items: dict) -> tuple[dict, dict, dict]:
+def _skips_module(pattern: str, module: str) -> bool:
+    """Whether transformers 5 would leave ``module`` unconverted for ``llm_int8_skip_modules`` entry
+    ``pattern``: a regex matching from the start up to a module boundary, or a plain suffix."""
+    try:
+        hit = re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module) is not None
+    except re.error as e:
+        raise QuantizationError(f"module name {pattern!r} is not a valid regex, which transformers' "
+                                f"llm_int8_skip_modules requires ({e})") from None
+    return hit or module.endswith(pattern)
+
+
+def skip_modules(items: dict, plain: Mapping | None) -> list[str] | None:
+    """``llm_int8_skip_modules`` for a file holding QArrays ``items`` and the arrays ``plain``
+    (name -> array): the module of every 2-D float ``.weight`` array, and ``lm_head`` unless it is
+    quantized; None (transformers' defaults) when ``plain`` is None."""
+    if plain is None:
+        return None
+    suffix = ".weight"
+    mods = {n[:-len(suffix)] for n, a in plain.items()
+            if n.endswith(suffix) and np.ndim(a) == 2 and np.issubdtype(np.asarray(a).dtype, np.floating)}
+    quantized = sorted(n[:-len(suffix)] if n.endswith(suffix) else n for n in items)
+    if not any(m == "lm_head" or m.endswith(".lm_head") for m in quantized):
+        mods.add("lm_head")
+    for p in sorted(mods):
+        caught = [m for m in quantized if _skips_module(p, m)]
+        if caught:
+            raise QuantizationError(f"'{caught[0]}': transformers would leave this NF4 module unconverted, since "
+                                    f"the unquantized module {p!r} (in llm_int8_skip_modules) matches its name")
+    return sorted(mods)
+
+
+def export(items: dict, plain: Mapping | None = None) -> tuple[dict, dict, dict]:
     """The bitsandbytes tensors of every QArray (name -> QArray), the ``quantization_config`` (the
-    transformers ``BitsAndBytesConfig`` fields) and no extra files. Nothing is written here."""
+    transformers ``BitsAndBytesConfig`` fields; ``llm_int8_skip_modules`` from the tree's other
+    arrays ``plain``, see :func:`skip_modules`) and no extra files. Nothing is written here."""
     from ..quant.formats import NF4_VALUES
 
     check(items)
+    skips = skip_modules(items, plain)
     tensors, dtypes = {}, set()
     for name, q in sorted(items.items()):
         flat = codes_of(q).reshape(-1)
@@ -79,7 +124,7 @@ def export(items: dict) -> tuple[dict, dict, dict]:
     compute = dtypes.pop() if len(dtypes) == 1 else "float32"
     qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
           "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
-          "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None, "llm_int8_has_fp16_weight": False,
+          "llm_int8_threshold": 6.0, "llm_int8_skip_modules": skips, "llm_int8_has_fp16_weight": False,
           "llm_int8_enable_fp32_cpu_offload": False}
     return tensors, qc, {}
 
