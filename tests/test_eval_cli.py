@@ -420,3 +420,16 @@ def test_a_merged_directory_without_config_uses_the_references(tiny_bert, tmp_pa
         ev.evaluate(noisy, other)
     assert cli.main(["eval", str(noisy), "--reference", str(other), "--weights-only"]) == 0  # weights need no config
     capsys.readouterr()
+
+
+def test_a_non_float_buffer_only_one_side_has_is_not_a_mismatch(tiny_bert, tmp_path, capsys):
+    """transformers' save_pretrained drops BERT's position_ids buffer, which hub files carry: the
+    model and its reference still compare (the buffer is skipped), float tensors still must match."""
+    ref, noisy, config, _ = tiny_bert
+    with_buf = tmp_path / "with-buffer"
+    flat = io.load(ref)
+    flat["embeddings.position_ids"] = np.arange(config.max_position, dtype=np.int64)[None]
+    write_bert(with_buf, flat, config, ref / "tokenizer.json")
+    assert cli.main(["eval", str(noisy), "--reference", str(with_buf), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["diff"]["tensors_differ"] > 0 and rep["encoder"]["cosine_to_reference"]["mean"] < 1

@@ -276,3 +276,38 @@ def test_minilm_merge_loads_with_automodel_and_embeds(tmp_path):
     want = model.encode(SENTENCES, params=params)
     np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=5e-5)
     assert float(jnp.min(jnp.sum(got * want, -1))) > 0.9999
+
+
+def test_trial_regressions_template_file_buffers_overwrite_and_sizes(tiny, capsys):
+    """From a user's trial: a tokenizer's chat_template.jinja (read before tokenizer_config.json)
+    gets the config's template; a model saved without the position_ids buffer still merges; the
+    output may not replace an input even with --overwrite; '1b' is mergekit's 1e9 bytes."""
+    from weightlab.cliargs import size
+
+    root, dirs = tiny
+    src = root / "jinja-src"
+    if src.exists():
+        shutil.rmtree(src)
+    shutil.copytree(dirs["ft-b"], src)
+    (src / "chat_template.jinja").write_text("OLD{% for m in messages %}{{ m.content }}{% endfor %}")
+    base = root / "base-with-buffer"  # the hub's files carry position_ids; transformers 5 leaves it out
+    if base.exists():
+        shutil.rmtree(base)
+    shutil.copytree(dirs["base"], base)
+    t = load_file(str(base / "model.safetensors"))
+    t["embeddings.position_ids"] = np.arange(64, dtype=np.int64)[None]
+    save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = _abs({**TA, "tokenizer_source": str(src), "chat_template": "NEW{% for m in messages %}{{ m.content }}{% endfor %}"},
+               root)
+    cfg["base_model"], cfg["models"][1]["model"] = str(base), str(src)
+    out = root / "jinja-out"
+    assert main(["merge", str(_config(root, cfg, "jinja.yml")), str(out)]) == 0
+    assert "lacks the non-float buffers" in capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "NEWhi"
+    transformers.AutoModel.from_pretrained(str(out))  # loads without the buffer
+    for target in (dirs["ft-a"], root):  # an input, or a directory holding the inputs
+        assert main(["merge", str(_config(root, cfg, "jinja.yml")), str(target), "--overwrite"]) == 2
+        assert "is or contains the input" in capsys.readouterr().err
+    assert (dirs["ft-a"] / "model.safetensors").exists()
+    assert size("1b") == size("1B") == 10**9 and size("1GB") == 2**30

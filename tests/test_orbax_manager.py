@@ -204,3 +204,41 @@ def test_qat_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path):
     _assert_same(again.params, ref.params)
     with pytest.raises(UsageError, match="checkpoint="):
         _qat_run(10, checkpoint=3)
+
+
+def test_closed_manager_and_restore_right_after_an_async_save(tmp_path):
+    from weightlab.errors import UsageError
+    from weightlab.io import CheckpointManager
+
+    tree = {"w": jnp.arange(6.0).reshape(2, 3)}
+    mgr = CheckpointManager(tmp_path / "ck", async_=True)
+    mgr.save(1, tree)
+    np.testing.assert_array_equal(np.asarray(mgr.restore(1, like=tree)["w"]), np.asarray(tree["w"]))  # waits
+    mgr.close()
+    mgr.close()  # a second close does nothing
+    with pytest.raises(UsageError, match="closed"):
+        mgr.save(2, tree)
+    with pytest.raises(UsageError, match="closed"):
+        mgr.restore()
+
+
+def test_fit_batches_depend_on_the_step_only(tmp_path):
+    """A run's result does not depend on ``chunk``, and a run extended from a checkpoint ends where
+    an uninterrupted run ends."""
+    import optax
+
+    from weightlab.models import mlp
+    from weightlab.train import fit
+
+    m = mlp(jax.random.key(0), in_dim=8, hidden=(16,), out_dim=4)
+    x = jax.random.normal(jax.random.key(1), (128, 8))
+    y = jax.random.randint(jax.random.key(2), (128,), 0, 4)
+    kw = dict(key=jax.random.key(3), batch_size=16, optimizer=optax.adam(1e-2))
+    a = fit(m.apply_fn, m.params, x, y, steps=30, chunk=10, **kw)
+    b = fit(m.apply_fn, m.params, x, y, steps=30, chunk=7, **kw)
+    fit(m.apply_fn, m.params, x, y, steps=20, chunk=10, checkpoint=tmp_path / "ck", **kw)
+    c = fit(m.apply_fn, m.params, x, y, steps=30, chunk=4, checkpoint=tmp_path / "ck", **kw)
+    assert c.start_step == 20
+    for other in (b, c):
+        for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(other.params)):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-6)

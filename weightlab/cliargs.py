@@ -74,7 +74,7 @@ def size(text: str) -> int:
     if not m:
         _fail(text, "a size such as 500MB, 2GB or 1B")
     unit = (m.group(2) or "").upper()
-    if not unit and m.group(3) == "B":  # mergekit's --out-shard-size spelling: "5B" = five billion bytes
+    if not unit and (m.group(3) or "").upper() == "B":  # mergekit's --out-shard-size spelling: "5B" = five billion bytes
         n = int(float(m.group(1)) * 10**9)
     else:
         n = int(float(m.group(1)) * 1024 ** " KMGT".index(unit or " "))

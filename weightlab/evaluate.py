@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .dtypes import is_floating
 from .errors import CheckpointError, CheckpointNotFoundError, ShapeMismatchError, StructureMismatchError, UsageError
 
 __all__ = ["evaluate", "open_source", "weight_sizes", "weight_diff", "encoder_metrics", "decoder_metrics",
@@ -204,8 +205,9 @@ def _check_same_tensors(model: Source, ref: Source) -> None:
     """Same tensor names and shapes, or a StructureMismatchError / ShapeMismatchError naming the
     first mismatches (up to three)."""
     mk, rk = model.view.keys(), set(ref.view.keys())
-    missing = [n for n in ref.view.keys() if n not in set(mk)]
-    extra = [n for n in mk if n not in rk]
+    buffer = lambda src, n: not is_floating(src.view.dtype(n))  # position_ids ...: save_pretrained may drop them
+    missing = [n for n in ref.view.keys() if n not in set(mk) and not buffer(ref, n)]
+    extra = [n for n in mk if n not in rk and not buffer(model, n)]
     more = lambda xs: f" (and {len(xs) - 1} more: {', '.join(xs[1:3])}{' ...' if len(xs) > 3 else ''})" if len(xs) > 1 else ""
     if missing:
         raise StructureMismatchError(missing[0], f"a tensor (the reference {ref.path} has it)",
@@ -213,7 +215,7 @@ def _check_same_tensors(model: Source, ref: Source) -> None:
     if extra:
         raise StructureMismatchError(extra[0], f"no such tensor (the reference {ref.path} lacks it)",
                                      f"a tensor of {model.path}{more(extra)}", what="tensor names")
-    bad = [n for n in mk if tuple(model.view.shape(n)) != tuple(ref.view.shape(n))]
+    bad = [n for n in mk if n in rk and tuple(model.view.shape(n)) != tuple(ref.view.shape(n))]
     if bad:
         e = ShapeMismatchError(bad[0], ref.view.shape(bad[0]), model.view.shape(bad[0]))
         e.args = (f"{e} between {ref.path} (expected) and {model.path} (found){more(bad)}",)
@@ -270,7 +272,8 @@ def weight_diff(model: Source, ref: Source) -> dict:
     relative error of all weights together, and the tensors holding NaN/Inf."""
     per, differ, nonfinite = {}, [], []
     tot_d2 = tot_r2 = 0.0
-    for n in model.view.keys():
+    rk = set(ref.view.keys())
+    for n in [n for n in model.view.keys() if n in rk]:  # a non-float buffer only one side has is skipped
         d2, r2, same, bad = _compare(np.asarray(model.view.get(n, copy=False)), np.asarray(ref.view.get(n, copy=False)))
         rel = float(np.sqrt(d2 / r2)) if r2 > 0 else (0.0 if d2 == 0 else None)
         if rel is not None and not np.isfinite(rel):

@@ -53,6 +53,13 @@ class FitResult(NamedTuple):
     start_step: int = 0         # the step this call resumed from (0 without a checkpoint)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _step_keys(key, start, m: int):
+    """The minibatch keys of steps ``start .. start+m-1``: ``fold_in(key, step)``, so a step's batch
+    depends on the key and the step only (not on ``chunk`` or where a resumed run starts)."""
+    return jax.vmap(lambda s: jax.random.fold_in(key, s))(start + jnp.arange(m))
+
+
 def _manager(checkpoint):
     """(manager, whether fit owns it) for ``checkpoint=``."""
     from .io.manager import CheckpointManager
@@ -111,7 +118,7 @@ def fit(apply_fn: Callable, params, x, y, *, key: jax.Array, steps: int = 3000, 
         start = done
         while done < steps:
             m = min(chunk, steps - done)
-            keys = jax.random.split(jax.random.fold_in(key, done), m)
+            keys = _step_keys(key, done, m)
             params, opt_state, l = run_chunk(params, opt_state, key, keys)
             losses.append(np.asarray(l))
             done += m

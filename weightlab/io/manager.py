@@ -136,6 +136,7 @@ class CheckpointManager:
         Every leaf must be an array or a number (:class:`LeafTypeError` naming the path otherwise),
         checked before anything is written; saving a step that exists is a :class:`UsageError`.
         """
+        self._open("save")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise UsageError(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
         step = int(step)
@@ -179,7 +180,13 @@ class CheckpointManager:
                 for kp, x in jax.tree_util.tree_flatten_with_path(raw)[0]}
         return wtree.from_flat_dict(flat)
 
+    def _open(self, what: str) -> None:
+        if getattr(self, "_closed", False):
+            raise UsageError(f"CheckpointManager({str(self.directory)!r}) is closed; {what} needs an open manager")
+
     def _step(self, step: int | None) -> int:
+        self._open("restore")
+        self._mgr.wait_until_finished()  # a step whose background write is pending becomes complete first
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -195,9 +202,13 @@ class CheckpointManager:
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending writes and release orbax's resources."""
+        """Finish pending writes and release orbax's resources (a second call does nothing; save and
+        restore afterwards are usage errors)."""
+        if getattr(self, "_closed", False):
+            return
         self._mgr.wait_until_finished()
         self._mgr.close()
+        self._closed = True
 
     def __enter__(self) -> "CheckpointManager":
         return self

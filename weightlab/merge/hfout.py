@@ -127,6 +127,8 @@ def _vocab_size(files: dict[str, bytes]) -> int | None:
 def _tokenizer(config: MergeConfig, template: str, rows: int | None, copy: bool, warn) -> dict[str, bytes]:
     src = config.tokenizer_source
     if src is None and not copy:
+        if config.chat_template is not None:
+            warn("chat_template is not written: no tokenizer is copied (--no-copy-tokenizer without tokenizer_source)")
         return {}
     ref = template if src is None else (config.base_model if src == "base" else src)
     if src is not None and ref not in config.model_paths() and not Path(ref).exists():
@@ -146,6 +148,8 @@ def _tokenizer(config: MergeConfig, template: str, rows: int | None, copy: bool,
         tc = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
         tc["chat_template"] = config.chat_template
         files["tokenizer_config.json"] = (json.dumps(tc, indent=2, ensure_ascii=False) + "\n").encode()
+        if "chat_template.jinja" in files:  # transformers >= 4.x reads this file before tokenizer_config.json
+            files["chat_template.jinja"] = config.chat_template.encode()
     return files
 
 

@@ -131,6 +131,13 @@ def plan(config: MergeConfig, ckpts: dict[str, Checkpoint]) -> Plan:
         other = {n for n in ckpts[ref].keys() if not (config.slices and _LAYER.search(n))}
         missing = [n for n in names if n not in other]
         extra = [n for n in other if n not in name_set]
+        buffers = [n for n in missing if not is_floating(ckpts[ref0].dtype(n))]
+        if buffers:  # e.g. BERT's position_ids, which transformers' save_pretrained leaves out
+            warnings.append(f"{ref} lacks the non-float buffers {buffers[:3]}; they are not written (transformers "
+                            "rebuilds such buffers)")
+            names = [n for n in names if n not in buffers]
+            name_set -= set(buffers)
+            missing = [n for n in missing if n not in buffers]
         for n in missing:
             if "lm_head" in n:
                 raise MergeError(f"{ref} has no '{n}' but {ref0} does: one model ties lm_head to the embeddings "

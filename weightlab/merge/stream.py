@@ -214,6 +214,21 @@ def _global_pass(cfg: MergeConfig, p: Plan, pool: "_ReadPool", progress: bool) -
     return stats.thresholds()
 
 
+def _output_is_not_an_input(config: MergeConfig, out_dir) -> None:
+    """The output may not be, or contain, an input model or the config (``--overwrite`` would
+    replace it)."""
+    out = Path(out_dir).resolve()
+    inputs = [part for ref in config.model_paths() for part in ref.split("+")]
+    if config.tokenizer_source and config.tokenizer_source != "base":
+        inputs.append(config.tokenizer_source)
+    if Path(config.source).exists():
+        inputs.append(config.source)
+    for p in inputs:
+        rp = Path(p).resolve()
+        if rp == out or out in rp.parents:
+            raise MergeError(f"the output {out_dir} is or contains the input {p}; write the merge elsewhere")
+
+
 def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite: bool = False,
               max_shard_bytes: int = 2 * 1024**3, seed: int = 0, progress: bool = True,
               echo: Callable[[str], None] = print, copy_tokenizer: bool = True, write_model_card: bool = True,
@@ -224,6 +239,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
     from . import hfout
     from ..io.atomic import refuse_existing
 
+    _output_is_not_an_input(config, out_dir)
     if not dry_run:
         refuse_existing(out_dir, overwrite)
     ckpts = {}

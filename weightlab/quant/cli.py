@@ -206,7 +206,7 @@ def run(args) -> int:
                 q_bytes += q.nbytes
             else:
                 out[name] = np.asarray(arr)
-    write(args, out, {"weightlab.recipe": {"method": args.method, **kw, "source": str(args.input)}},
+    write(args, out, {"weightlab.recipe": {"method": args.method, **kw, "source": str(Path(args.input).resolve())}},
           config, export)
     print(f"wrote {args.output}: quantized tensors {dense_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB "
           f"({dense_bytes / max(q_bytes, 1):.2f}x smaller) in {time.time() - t0:.1f}s")

@@ -257,7 +257,7 @@ def run_calibrated(args, kw: dict) -> int:
         flat = {n: c[n] for n in names}
     q, dense, packed = _quantize(args, kw, arch, flat, [n for n, _, _ in chosen], batches)
     recipe = {"method": args.method, **kw, "rotate": bool(args.rotate), "seed": args.seed if args.rotate else None,
-              "calibration": source, "texts": len(texts), "tokens": n_tokens, "seq_len": seq_len, "source": str(root)}
+              "calibration": source, "texts": len(texts), "tokens": n_tokens, "seq_len": seq_len, "source": str(Path(root).resolve())}
     if args.rotate:
         print("note: --rotate keeps each weight's dense K x K rotation (float32) in its QArray, which can outweigh "
               "the packed codes of small models")
