@@ -228,3 +228,32 @@ def test_weightlab_nnx_models_run_on_qarrays(name):
     jaxpr = jax.make_jaxpr(run)(qp, x)
     assert not _float_inputs_shaped_like_weights(jaxpr, qp)
     assert sum(str(v.aval.dtype) == "uint8" for v in jaxpr.jaxpr.invars) == n_q
+
+
+def test_trainable_filter_optimizes_the_float_params_of_a_quantized_module():
+    """``nnx.Optimizer(..., wrt=nnx.Param)`` would differentiate the packed codes; TRAINABLE leaves
+    them out, so a partly quantized model trains its remaining float parameters."""
+    import optax
+
+    from weightlab.quant import flax as qflax
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(16, 32, rngs=rngs)
+            self.b = nnx.Linear(32, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    model = Net(nnx.Rngs(0))
+    qflax.quantize_module(model, "rtn", select="a/kernel", bits=4, group_size=16)
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=qflax.TRAINABLE)
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    before = np.asarray(model.b.kernel[...])
+    codes = np.asarray(nnx.state(model)["a"]["kernel"].get_raw_value().codes) if hasattr(
+        nnx.state(model)["a"]["kernel"], "get_raw_value") else None
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, qflax.TRAINABLE))(model)
+    opt.update(model, grads)
+    assert not np.array_equal(before, np.asarray(model.b.kernel[...]))
+    if codes is not None:
+        np.testing.assert_array_equal(codes, np.asarray(nnx.state(model)["a"]["kernel"].get_raw_value().codes))

@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     except WeightlabError as e:
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every writer publishes atomically, so nothing partial is left
+        print(f"weightlab {args.command}: interrupted; nothing was published", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `weightlab info --json | head`: the reader left; not an error of ours
         _quiet_stdout()
         return 0

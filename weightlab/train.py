@@ -90,6 +90,14 @@ def fit(apply_fn: Callable, params, x, y, *, key: jax.Array, steps: int = 3000, 
     (``losses`` then cover the steps this call ran, from ``start_step``). A checkpoint at or past
     ``steps`` is returned as restored.
     """
+    from . import tree as wtree
+
+    qs = [p for p, x in wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)[0] if wtree.is_atomic(x)]
+    if qs:
+        from .errors import UsageError
+
+        raise UsageError(f"fit trains float params; '{qs[0]}' is quantized (its codes have no gradient). Train the "
+                         "float params through weightlab.quant.qat_apply_fn (QAT) and quantize afterwards")
     mgr, own = _manager(checkpoint)
     optimizer = optimizer or optax.adam(1e-3)
     x, y = jnp.asarray(x), jnp.asarray(y)

@@ -43,6 +43,10 @@ def _layout(tree: Any) -> dict:
     if bad:
         leaf = dict(pairs)[bad[0]]
         raise LeafTypeError(f"'{bad[0]}': a checkpoint holds arrays and numbers, found {type(leaf).__name__}")
+    keys = [p for p, x in pairs if str(getattr(x, "dtype", "")).startswith("key<")]
+    if keys:
+        raise LeafTypeError(f"'{keys[0]}': a PRNG key array; save jax.random.key_data(...) of it, or leave RNG "
+                            "state out (e.g. nnx.state(model, nnx.Param))")
     raw = [wtree.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     atomic = {p: x.spec() for p, x in wtree.flatten_with_paths(tree, is_leaf=wtree.is_atomic)[0]
               if wtree.is_atomic(x) and callable(getattr(x, "spec", None))}

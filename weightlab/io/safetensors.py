@@ -469,6 +469,9 @@ def _host_tensors(tree: Any) -> list[tuple[str, np.ndarray]]:
         if not wtree.is_array(x):
             raise LeafTypeError(f"'{p}': cannot store a {type(x).__name__} in safetensors; keep only array leaves "
                                 "(e.g. eqx.filter(model, eqx.is_array))")
+        if str(getattr(x, "dtype", "")).startswith("key<"):
+            raise LeafTypeError(f"'{p}': a PRNG key array cannot be stored in safetensors; save its "
+                                "jax.random.key_data(...) or leave RNG state out (e.g. nnx.state(model, nnx.Param))")
         arr = np.asarray(x)
         dtype_name(arr.dtype, p)
         out.append((p, arr))

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import MergeError
 from .config import MergeConfig
 
-__all__ = ["TOKENIZER_FILES", "model_dir", "prepare", "model_card"]
+__all__ = ["TOKENIZER_FILES", "model_dir", "check_architectures", "prepare", "model_card"]
 
 #: Files a Hugging Face tokenizer may consist of (whichever exist are copied together).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -187,6 +187,19 @@ def model_card(config: MergeConfig, out_name: str) -> str:
     return "\n".join(lines)
 
 
+def check_architectures(config: MergeConfig, allow_crimes: bool = False) -> dict[str, dict]:
+    """Every input's ``config.json`` (ref -> dict); models whose ``architectures`` differ are a
+    :class:`MergeError` unless ``allow_crimes``. Cheap (no tensor is read), so it runs before the
+    tensor plan, whose errors would otherwise name a missing tensor instead of the real cause."""
+    configs = {ref: cfg for ref in config.model_paths() for cfg in [_read_config(ref)] if cfg is not None}
+    archs = {ref: tuple(c.get("architectures") or ()) for ref, c in configs.items() if c.get("architectures")}
+    if len(set(archs.values())) > 1 and not allow_crimes:
+        shown = "; ".join(f"{r}: {', '.join(a)}" for r, a in archs.items())
+        raise MergeError(f"{config.source}: the models have different architectures ({shown}); "
+                         "pass --allow-crimes to merge them anyway")
+    return configs
+
+
 def prepare(config: MergeConfig, plan, ckpts: dict, layout, *, copy_tokenizer: bool = True,
             write_model_card: bool = True, allow_crimes: bool = False, out_name: str = "merged",
             warn=print) -> dict[str, bytes]:
@@ -195,17 +208,9 @@ def prepare(config: MergeConfig, plan, ckpts: dict, layout, *, copy_tokenizer: b
     ``layout`` is the output's ``[(name, shape, dtype)]``; ``ckpts`` maps each model reference to its
     open checkpoint. Returns ``{file name: bytes}`` (empty of config.json when no input has one).
     """
-    configs = {}
-    for ref in config.model_paths():
-        cfg = _read_config(ref)
-        if cfg is not None:
-            _check_against_tensors(ref, cfg, ckpts[ref])
-            configs[ref] = cfg
-    archs = {ref: tuple(c.get("architectures") or ()) for ref, c in configs.items() if c.get("architectures")}
-    if len(set(archs.values())) > 1 and not allow_crimes:
-        shown = "; ".join(f"{r}: {', '.join(a)}" for r, a in archs.items())
-        raise MergeError(f"{config.source}: the models have different architectures ({shown}); "
-                         "pass --allow-crimes to merge them anyway")
+    configs = check_architectures(config, allow_crimes)
+    for ref, cfg in configs.items():
+        _check_against_tensors(ref, cfg, ckpts[ref])
     template = _template(config)
     files: dict[str, bytes] = {}
     cfg = configs.get(template) or next(iter(configs.values()), None)

@@ -251,6 +251,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
                                  "local checkpoints; nothing is downloaded)")
         ckpts[ref] = _open(ref)
     try:
+        hfout.check_architectures(config, allow_crimes)
         p = plan(config, ckpts)
         for w in p.warnings:
             echo(f"warning: {w}")

@@ -38,7 +38,7 @@ _WHERE = {
     **{n: "api" for n in ("quantize", "quantize_array", "dequantize")},
     **{n: "matmul" for n in ("dot", "prepare", "kernel_supports")},
     **{n: "checkpoint" for n in ("save", "load", "METADATA_KEY", "qarray_specs", "DequantizedCheckpoint")},
-    **{n: "flax" for n in ("QBox", "QParam", "box_nnx", "nnx_apply_fn", "quantize_module")},
+    **{n: "flax" for n in ("QBox", "QParam", "box_nnx", "nnx_apply_fn", "quantize_module")},  # and flax.TRAINABLE
 }
 _METHOD_FACTORIES = ("rtn", "hqq", "any4", "gptq", "awq")  # checked against METHODS in tests
 _SUBMODULES = {"formats", "defaults", "grid", "qarray", "packing", "registry", "rounding", "halfquad", "lut",

@@ -38,7 +38,7 @@ from .api import quantize
 from .formats import DEFAULT_SELECT
 from .qarray import QArray, is_qarray
 
-__all__ = ["QBox", "box", "apply", "QParam", "box_nnx", "nnx_apply_fn", "quantize_module"]
+__all__ = ["QBox", "box", "apply", "QParam", "TRAINABLE", "box_nnx", "nnx_apply_fn", "quantize_module"]
 
 
 # ------------------------------------------------------------------------------------------ linen
@@ -136,6 +136,12 @@ class QParam(nnx.Param):
         if not isinstance(index, nnx.variablelib.Missing) and index is not Ellipsis:
             value = value[index]
         return value
+
+
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(QParam))
+"""The nnx filter of a partly quantized model's float parameters: ``nnx.Optimizer(model, tx,
+wrt=TRAINABLE)``, ``nnx.grad(f, argnums=nnx.DiffState(0, TRAINABLE))`` (the default ``wrt=nnx.Param``
+would include the packed integer codes, which have no gradient)."""
 
 
 def _to_qparam(x):
