@@ -173,12 +173,13 @@ def _output_config(cfg: dict, plan, layout) -> dict:
     return out
 
 
-def model_card(config: MergeConfig, out_name: str) -> str:
-    """A README.md fragment that records the merge: front matter the Hub reads, then the recipe."""
+def model_card(config: MergeConfig) -> str:
+    """A README.md fragment that records the merge: front matter the Hub reads, then the recipe (the
+    same bytes wherever the output goes, so reruns are byte-identical)."""
     refs = config.model_paths()
     lines = ["---", "base_model:"] + [f"- {json.dumps(r)}" for r in refs] + [
         "library_name: transformers", "tags:", "- merge", "- mergekit", "- weightlab", "---", "",
-        f"# {out_name}", "",
+        f"# {config.method} merge of {len(refs)} models", "",
         f"Merged by weightlab with `{config.method}`"
         + (f" on the base model `{config.base_model}`" if config.base_model else "") + ".", "",
         "## Inputs", ""] + [f"- `{r}`" + (" (base)" if r == config.base_model else "") for r in refs] + [
@@ -201,8 +202,7 @@ def check_architectures(config: MergeConfig, allow_crimes: bool = False) -> dict
 
 
 def prepare(config: MergeConfig, plan, ckpts: dict, layout, *, copy_tokenizer: bool = True,
-            write_model_card: bool = True, allow_crimes: bool = False, out_name: str = "merged",
-            warn=print) -> dict[str, bytes]:
+            write_model_card: bool = True, allow_crimes: bool = False, warn=print) -> dict[str, bytes]:
     """Every side file of the output directory, validated before any tensor is merged.
 
     ``layout`` is the output's ``[(name, shape, dtype)]``; ``ckpts`` maps each model reference to its
@@ -225,5 +225,5 @@ def prepare(config: MergeConfig, plan, ckpts: dict, layout, *, copy_tokenizer: b
     rows = int(next(s for n, s, _ in layout if n == emb)[0]) if emb is not None else None
     files.update(_tokenizer(config, template, rows, copy_tokenizer, warn))
     if write_model_card:
-        files["README.md"] = model_card(config, out_name).encode()
+        files["README.md"] = model_card(config).encode()
     return files

@@ -264,8 +264,7 @@ def run_merge(config: MergeConfig, out_dir, *, dry_run: bool = False, overwrite:
 
         layout = [(j.out, first(j)[0].shape(j.src[order(j.cfg)[0]]), j.dtype) for j in p.jobs]
         side = hfout.prepare(config, p, ckpts, layout, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
-                             write_model_card=write_model_card, out_name=Path(out_dir).name,
-                             warn=lambda m: echo(f"warning: {m}"))
+                             write_model_card=write_model_card, warn=lambda m: echo(f"warning: {m}"))
         if dry_run:
             echo(f"output files: {', '.join(sorted(side)) or 'tensors only'}")
             return p
