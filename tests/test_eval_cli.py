@@ -433,3 +433,23 @@ def test_a_non_float_buffer_only_one_side_has_is_not_a_mismatch(tiny_bert, tmp_p
     assert cli.main(["eval", str(noisy), "--reference", str(with_buf), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["diff"]["tensors_differ"] > 0 and rep["encoder"]["cosine_to_reference"]["mean"] < 1
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_exported_directories_are_evaluated_through_their_import(tiny_bert, tmp_path, capsys, fmt):
+    """`weightlab quantize --export` output (another library's layout) evaluates like a weightlab
+    file: the tensors are imported (weightlab.interop) and dequantized on read."""
+    from weightlab import interop, quant
+
+    ref, _, _, names = tiny_bert
+    flat = io.load(ref)
+    for n in names:
+        flat[n] = quant.quantize_array(flat[n], "rtn", fmt="int", bits=4, group_size=16, axis=-1)
+    out = tmp_path / fmt
+    interop.export_checkpoint(flat, out, fmt, config=json.loads((ref / "config.json").read_text()),
+                              files={"tokenizer.json": (ref / "tokenizer.json").read_bytes()})
+    assert cli.main(["eval", str(out), "--reference", str(ref), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["weights"]["quantized"]["tensors"] == len(names)
+    assert rep["diff"]["tensors_differ"] == len(names)
+    assert 0.5 < rep["encoder"]["cosine_to_reference"]["mean"] < 1

@@ -635,3 +635,16 @@ def test_qarray_getitem_and_reprs():
     treescope = pytest.importorskip("treescope")
     text = treescope.render_to_text(q)
     assert text.startswith("QArray(") and "codes=" in text and "group_size=32" in text
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "nf4-bnb"])
+def test_quantized_embeddings_are_refused(tmp_path, fmt):
+    """These formats quantize Linear layers only: transformers builds an Embedding for the table and
+    fails at load time, so the export refuses it first."""
+    from weightlab.errors import QuantizationError
+
+    w = jax.random.normal(jax.random.key(0), (64, 64))
+    q = quant.quantize_array(w, "rtn", fmt="nf4" if fmt == "nf4-bnb" else "int", bits=4, group_size=64, axis=-1)
+    with pytest.raises(QuantizationError, match="embedding table"):
+        export_checkpoint({"model.embed_tokens.weight": q}, tmp_path / "o", fmt)
+    assert not (tmp_path / "o").exists()

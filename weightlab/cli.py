@@ -103,7 +103,8 @@ def _add_quantize_parser(sub, full: bool) -> None:
     q.add_argument("--export", choices=("gptq", "gptq-v2", "compressed-tensors", "nf4-bnb"), default=None,
                    help="write OUTPUT as a checkpoint directory in this format (weightlab.interop), with the input's "
                         "tokenizer files, instead of one weightlab .safetensors file (gptq: AutoGPTQ's v1 layout, "
-                        "v2 when a zero point is 0; gptq-v2: GPTQModel's)")
+                        "v2 when a zero point is 0; gptq-v2: GPTQModel's). Not for awq, rotate or embeddings: these formats "
+                        "have no input scaling or rotation and quantize Linear layers only")
     q.add_argument("--dry-run", action="store_true", help="validate and report the plan; write nothing")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(fn=_run_quantize)

@@ -179,9 +179,12 @@ def open_source(path, reference=None) -> Source:
     if p.is_dir() and not any(p.iterdir()):
         raise CheckpointNotFoundError(f"{p}: empty directory (expected config.json and model.safetensors, "
                                       "or a sharded model.safetensors.index.json)")
-    raw = open_checkpoint(p)
+    from .interop.view import ImportedCheckpoint, is_exported
+
+    exported = is_exported(p)  # GPTQ / compressed-tensors / bitsandbytes directories: imported first
+    raw = ImportedCheckpoint(p) if exported else open_checkpoint(p)
     try:
-        view = DequantizedCheckpoint(raw)
+        view = raw.logical if exported else DequantizedCheckpoint(raw)
         if not view.keys():
             raise CheckpointError(f"{p}: holds no tensors")
         dirs = _dirs(p, raw.metadata, Path(reference) if reference is not None else None)
@@ -194,7 +197,7 @@ def open_source(path, reference=None) -> Source:
                 raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
             if not isinstance(config, dict):
                 raise CheckpointError(f"{cfg_path}: must hold a JSON object")
-        specs = qarray_specs(raw.metadata, str(p), names=raw.keys())
+        specs = raw.specs if exported else qarray_specs(raw.metadata, str(p), names=raw.keys())
         return Source(p, raw, view, specs, config, cfg_path, _find("tokenizer.json", dirs))
     except BaseException:
         raw.close()

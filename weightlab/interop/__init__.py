@@ -22,12 +22,13 @@ arrays are written unchanged. Import detects the format from ``config.json`` and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UsageError
+from ..errors import CheckpointError, CheckpointNotFoundError, QuantizationError, UsageError
 
 __all__ = ["FORMATS", "export_checkpoint", "import_checkpoint", "detect_format"]
 
@@ -39,6 +40,10 @@ def _module(fmt: str):
     from . import bnb, compressed_tensors, gptq
 
     return {"gptq": gptq, "compressed-tensors": compressed_tensors, "nf4-bnb": bnb}[fmt]
+
+
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|word_embeddings|wte|wpe|embed_in|position_embeddings|"
+                        r"token_type_embeddings)\.weight$")
 
 
 def _split(tree: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -53,6 +58,9 @@ def _split(tree: Mapping[str, Any]) -> tuple[dict, dict]:
         if not isinstance(k, str) or not k:
             raise UsageError(f"export_checkpoint: tensor names must be non-empty strings, found {k!r}")
         if is_qarray(v):
+            if _EMBEDDING.search(k):
+                raise QuantizationError(f"'{k}': an embedding table; GPTQ, compressed-tensors and bitsandbytes "
+                                        "checkpoints quantize Linear layers only (keep it unquantized: exclude it)")
             qs[k] = v
         elif wtree.is_array(v):
             plain[k] = np.asarray(v)

@@ -122,6 +122,9 @@ def write(args, flat: dict, metadata: dict, config: dict | None, export) -> None
         save(args.output, flat, metadata=metadata, overwrite=args.overwrite)
         return
     fmt, options = export_format(args.export)
+    if fmt == "compressed-tensors" and any(getattr(q, "zero", None) is not None for q in flat.values()):
+        print("note: asymmetric codes (zero points): compressed-tensors 0.20 decompresses them, but transformers "
+              "5.24 cannot load such a checkpoint (a library bug); --format int writes symmetric codes it loads")
     if args.export == "gptq":
         bad = _v1_cannot_hold(flat)
         if bad is not None:
