@@ -180,6 +180,7 @@ def open_source(path, reference=None) -> Source:
         raise CheckpointNotFoundError(f"{p}: empty directory (expected config.json and model.safetensors, "
                                       "or a sharded model.safetensors.index.json)")
     from .interop.view import ImportedCheckpoint, is_exported
+    from .io.header import read_json_object
 
     exported = is_exported(p)  # GPTQ / compressed-tensors / bitsandbytes directories: imported first
     raw = ImportedCheckpoint(p) if exported else open_checkpoint(p)
@@ -189,14 +190,7 @@ def open_source(path, reference=None) -> Source:
             raise CheckpointError(f"{p}: holds no tensors")
         dirs = _dirs(p, raw.metadata, Path(reference) if reference is not None else None)
         cfg_path = _find("config.json", dirs)
-        config = None
-        if cfg_path is not None:
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{cfg_path}: must hold a JSON object")
+        config = read_json_object(cfg_path) if cfg_path is not None else None
         specs = raw.specs if exported else qarray_specs(raw.metadata, str(p), names=raw.keys())
         return Source(p, raw, view, specs, config, cfg_path, _find("tokenizer.json", dirs))
     except BaseException:

@@ -123,6 +123,18 @@ def check_tiling(path: Path, entries: Mapping[str, tuple], data_len: int) -> Non
                               "where the last tensor ends (appended or corrupted data)")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a ``config.json`` ...); a :class:`CheckpointError`
+    naming the file when it is unreadable, not JSON, or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, found {kind(obj)}")
+    return obj
+
+
 def read_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(weight_map, metadata) of a ``model.safetensors.index.json``, validated as strictly as a header."""
     try:

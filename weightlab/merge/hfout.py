@@ -61,16 +61,10 @@ def _side(ref: str, name: str) -> Path | None:
 
 
 def _read_config(ref: str) -> dict | None:
+    from ..io.header import read_json_object
+
     f = _side(ref, "config.json")
-    if f is None:
-        return None
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise MergeError(f"{f}: not a readable JSON config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise MergeError(f"{f}: config.json must hold a JSON object")
-    return cfg
+    return None if f is None else read_json_object(f)
 
 
 def _embedding(names) -> str | None:

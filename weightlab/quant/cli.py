@@ -73,16 +73,10 @@ def exporter(args):
 
 def hf_config(path) -> dict | None:
     """The ``config.json`` of a checkpoint directory (None for a file or a directory without one)."""
+    from ..io.header import read_json_object
+
     f = Path(path) / "config.json"
-    if not Path(path).is_dir() or not f.is_file():
-        return None
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{f}: not a readable JSON config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"{f}: a config.json must hold a JSON object")
-    return cfg
+    return read_json_object(f) if Path(path).is_dir() and f.is_file() else None
 
 
 def export_format(choice: str) -> tuple[str, dict]:
