@@ -126,13 +126,11 @@ def export_checkpoint(tree: Mapping[str, Any], out_dir, fmt: str, *, config: Map
 
 
 def _config(root: Path) -> dict:
-    from ._common import read_json
+    from ..io.header import read_json_object
 
     for fname, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
         if (root / fname).is_file():
-            cfg = read_json(root / fname)
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{root / fname}: must hold a JSON object")
+            cfg = read_json_object(root / fname)
             qc = cfg.get(key) if key else dict(cfg, quant_method=cfg.get("quant_method", "gptq"))
             if isinstance(qc, dict):
                 return cfg if key else {"quantization_config": qc}

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError, QuantizationError
+from ..errors import QuantizationError
 
 __all__ = ["host", "codes_of", "unpack_qarray_codes", "pack_qarray_codes", "grouped_2d", "pack_stream",
-           "unpack_stream", "check_linear", "check_groups", "module_of", "integer_zeros", "exact_cast", "write_model_dir", "read_json",
+           "unpack_stream", "check_linear", "check_groups", "module_of", "integer_zeros", "exact_cast", "write_model_dir",
            "float_dtype", "WEIGHT"]
 
 WEIGHT = ".weight"
@@ -190,9 +190,3 @@ def float_dtype(name: str) -> np.dtype:
 
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({str(e)[:200]})") from None

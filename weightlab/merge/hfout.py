@@ -34,8 +34,9 @@ import numpy as np
 
 from ..errors import MergeError
 from .config import MergeConfig
+from .plan import _LAYER
 
-__all__ = ["TOKENIZER_FILES", "model_dir", "check_architectures", "prepare", "model_card"]
+__all__ = ["TOKENIZER_FILES", "model_dir", "side_files", "check_architectures", "prepare", "model_card"]
 
 #: Files a Hugging Face tokenizer may consist of (whichever exist are copied together).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -44,7 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in)\.weight$")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _TORCH_DTYPE = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 
 
@@ -98,8 +98,9 @@ def _template(config: MergeConfig) -> str:
     return config.models[0].model
 
 
-def _tokenizer_files(ref: str) -> dict[str, bytes]:
-    return {n: f.read_bytes() for n in TOKENIZER_FILES for f in [_side(ref, n)] if f is not None}
+def side_files(ref: str, names=TOKENIZER_FILES) -> dict[str, bytes]:
+    """The bytes of those of ``names`` that lie beside a model (default: its tokenizer files)."""
+    return {n: f.read_bytes() for n in names for f in [_side(ref, n)] if f is not None}
 
 
 def _vocab_size(files: dict[str, bytes]) -> int | None:
@@ -127,7 +128,7 @@ def _tokenizer(config: MergeConfig, template: str, rows: int | None, copy: bool,
     ref = template if src is None else (config.base_model if src == "base" else src)
     if src is not None and ref not in config.model_paths() and not Path(ref).exists():
         raise MergeError(f"{config.source}: tokenizer source {ref!r} does not exist")
-    files = _tokenizer_files(ref)
+    files = side_files(ref)
     if not files:
         msg = f"no tokenizer files beside {ref} (looked for {', '.join(TOKENIZER_FILES[:5])} ...)"
         if src is not None:
@@ -212,9 +213,7 @@ def prepare(config: MergeConfig, plan, ckpts: dict, layout, *, copy_tokenizer: b
         warn("no config.json in any input model; the output has tensors only (transformers cannot load it)")
     else:
         files["config.json"] = (json.dumps(_output_config(cfg, plan, layout), indent=2) + "\n").encode()
-    gen = _side(template, "generation_config.json")
-    if gen is not None:
-        files["generation_config.json"] = gen.read_bytes()
+    files.update(side_files(template, ("generation_config.json",)))
     emb = _embedding([n for n, _, _ in layout])
     rows = int(next(s for n, s, _ in layout if n == emb)[0]) if emb is not None else None
     files.update(_tokenizer(config, template, rows, copy_tokenizer, warn))

@@ -86,13 +86,9 @@ def export_format(choice: str) -> tuple[str, dict]:
 
 def _side_files(src) -> dict[str, bytes]:
     """The tokenizer and generation config of an HF directory, copied into an exported directory."""
-    from pathlib import Path
+    from ..merge.hfout import TOKENIZER_FILES, side_files
 
-    from ..merge.hfout import TOKENIZER_FILES
-
-    d = Path(src)
-    names = TOKENIZER_FILES + ("generation_config.json",)
-    return {n: (d / n).read_bytes() for n in names if d.is_dir() and (d / n).is_file()}
+    return side_files(str(src), TOKENIZER_FILES + ("generation_config.json",))
 
 
 def _v1_cannot_hold(flat: dict) -> str | None:
