@@ -138,4 +138,6 @@ def fit(apply_fn: Callable, params, x, y, *, key: jax.Array, steps: int = 3000, 
     finally:
         if own:
             mgr.close()
+        elif mgr is not None:
+            mgr.wait()  # the last step is complete on disk when fit returns (writes are asynchronous)
     return FitResult(params, np.concatenate(losses) if losses else np.zeros(0), opt_state, start)

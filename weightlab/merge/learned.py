@@ -92,6 +92,8 @@ def adamerging_fit(base, models, *, apply_fn: Callable, unlabeled: Sequence[Sequ
         losses.append(l)
         if checkpoint is not None and (checkpoint.should_save(i + 1) or i + 1 == steps):
             checkpoint.save(i + 1, {"coefficients": coeffs, "opt_state": state}, force=True)
+    if checkpoint is not None:
+        checkpoint.wait()  # the last step is complete on disk when this returns (writes are asynchronous)
     return AdaMergingResult(merge_with(base, tvs, coeffs), coeffs, jnp.stack(losses) if losses else jnp.zeros(0))
 
 
