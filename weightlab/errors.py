@@ -108,3 +108,21 @@ class OutputPathError(WeightlabError, OSError):
 class LeafTypeError(WeightlabError, TypeError):
     """A leaf is not what the operation can hold (e.g. a Python object where an array must be
     stored); the message names the leaf's path."""
+
+
+class SpecError(WeightlabError, ValueError):
+    """A permutation spec does not fit the params (unknown or missing leaves, wrong axis sizes,
+    inconsistent group sizes, a nested group without its parent)."""
+
+
+class SymmetryError(SpecError):
+    """Permuting the params by a spec changed the function's outputs: the spec claims a symmetry
+    the model does not have. Names the leaf and axis found to break it."""
+
+    def __init__(self, message: str, path: str | None = None, axis: int | None = None):
+        self.path, self.axis = path, axis
+        super().__init__(message)
+
+
+class AlignError(WeightlabError, ValueError):
+    """Bad input to an alignment method (models of different structure, bad permutations, options)."""
