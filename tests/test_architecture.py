@@ -52,7 +52,7 @@ def test_the_ground_imports_nothing_above_it(name):
 def test_kernels_take_plain_arrays_and_pillars_never_import_lab():
     for f in (ROOT / "kernels").glob("*.py"):
         assert not imported_modules(f) & {"quant", "merge"}, f
-    for pillar in ("quant", "merge", "io", "models", "data"):
+    for pillar in ("quant", "merge", "align", "io", "models", "data"):
         for f in (PKG / pillar).glob("*.py"):
             assert "lab" not in imported_modules(f), f
     for f in (PKG / "io").glob("*.py"):  # the QArray metadata key belongs to quant

@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["BLOCKS", "generated", "sync", "FILES"]
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = ("README.md", "docs/merging.md", "docs/quantization.md")
+FILES = ("README.md", "docs/merging.md", "docs/quantization.md", "docs/alignment.md")
 
 
 def _quant() -> str:
@@ -28,7 +28,13 @@ def _merge() -> str:
     return markdown_table()
 
 
-BLOCKS = {"quant": _quant, "merge": _merge}
+def _align() -> str:
+    from ..align.registry import markdown_table
+
+    return markdown_table()
+
+
+BLOCKS = {"quant": _quant, "merge": _merge, "align": _align}
 
 
 def generated(name: str) -> str:
