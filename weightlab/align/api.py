@@ -40,7 +40,8 @@ def align_and_merge(models: Sequence[Any], *, spec=None, method: str = "weight_m
                     base: Any = None, apply_fn: Callable | None = None, batches=None,
                     repair_batches=None, key=None, merge_kwargs: dict | None = None, **hp):
     """Align ``models`` to a common frame, merge them with ``merge`` (a :mod:`weightlab.merge`
-    method name; ``base`` and ``merge_kwargs`` passed on), and REPAIR the result on
+    method name; ``base`` and ``merge_kwargs`` passed on; ``base="first"``: the aligned first model
+    is the base and the others are merged onto it, for task-vector methods such as TIES), and REPAIR the result on
     ``repair_batches`` when given (needs ``apply_fn``). ``method``/``hp``: the matcher. Returns the
     merged params. Two models: the second is aligned to the first; more: :func:`merge_many`.
     """
@@ -65,7 +66,10 @@ def align_and_merge(models: Sequence[Any], *, spec=None, method: str = "weight_m
     else:
         aligned = merge_many(spec, list(models), key=key, method=method, apply_fn=apply_fn, batches=batches,
                              **hp).aligned
+    frame = aligned
+    if isinstance(base, str) and base == "first":  # the first model is the base; the others its "fine-tunes"
+        base, aligned = aligned[0], aligned[1:]
     merged = wmerge.METHODS[merge].fn(base, aligned, **(merge_kwargs or {}))
     if repair_batches is not None:
-        merged = repair(apply_fn, merged, aligned, repair_batches)
+        merged = repair(apply_fn, merged, frame, repair_batches)
     return merged

@@ -75,8 +75,13 @@ def permute_flat(spec: Spec, perms: Mapping[str, Any], flat: Mapping[str, jax.Ar
     return out
 
 
-def objective(spec: Spec, perms, fa: Mapping[str, jax.Array], fb: Mapping[str, jax.Array]) -> float:
-    """``sum <A, pi(B)>`` over every leaf some group moves."""
+def objective(spec: Spec, perms, fa: Any, fb: Any) -> float:
+    """``sum <A, pi(B)>`` over every leaf some group moves (params trees, or flat dicts from
+    :func:`flat_params`)."""
+    if not (isinstance(fa, Mapping) and set(fa) <= set(spec.axes)):
+        fa = flat_params(spec, fa, "params_a")
+    if not (isinstance(fb, Mapping) and set(fb) <= set(spec.axes)):
+        fb = flat_params(spec, fb, "params_b")
     pb = permute_flat(spec, perms, fb)
     return float(sum(jnp.vdot(fa[p], pb[p]) for p in fa))
 
