@@ -189,7 +189,8 @@ def cmd_demo(args) -> int:
 
 def cmd_methods(args) -> int:
     """Every registered method of every pillar, from the registries."""
-    pillars = {"merge": "weightlab.merge.registry", "quant": "weightlab.quant.registry"}
+    pillars = {"merge": "weightlab.merge.registry", "quant": "weightlab.quant.registry",
+               "align": "weightlab.align.registry"}
     import importlib
 
     for pillar, mod in pillars.items():
@@ -224,9 +225,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     from . import evalcli
 
     evalcli.add_parser(sub)
-    ms = sub.add_parser("methods", help="list every registered method (quantization, merging)",
+    from .align import cli as align_cli
+
+    align_cli.add_parser(sub, full=argv is None or argv[:1] == ["align"])
+    ms = sub.add_parser("methods", help="list every registered method (quantization, merging, alignment)",
                         description="The methods each pillar's registry knows, with a one-line summary.")
-    ms.add_argument("--pillar", choices=["merge", "quant"], default=None)
+    ms.add_argument("--pillar", choices=["merge", "quant", "align"], default=None)
     ms.set_defaults(fn=cmd_methods)
     d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
                        description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "
