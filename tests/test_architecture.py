@@ -79,8 +79,13 @@ def test_everything_listed_comes_from_the_registries():
     for name in quant.METHODS:
         assert isinstance(getattr(quant, name)(), wl.WeightTransform)
     r = subprocess.run([sys.executable, "-m", "weightlab.cli", "methods"], capture_output=True, text=True, timeout=120)
-    for name in list(merge.METHODS) + list(quant.METHODS):
-        assert f"  {name} " in r.stdout, name
+    from weightlab import align
+
+    for name in align.METHODS:
+        assert getattr(align, name) is align.METHODS[name].fn
+        assert isinstance(align.transform(name), wl.WeightTransform)
+    for name in list(merge.METHODS) + list(quant.METHODS) + list(align.METHODS):
+        assert f"  {name} " in r.stdout or f"  {name}" in r.stdout.replace("\n", " \n"), name
     from weightlab.cli import build_parser
     from weightlab.merge.config import yaml_methods
 
@@ -90,6 +95,9 @@ def test_everything_listed_comes_from_the_registries():
     q = build_parser(["quantize"])._subparsers._group_actions[0].choices["quantize"]
     choices = next(a.choices for a in q._actions if a.dest == "method")
     assert list(choices) == quant.METHODS.names()
+    a = build_parser(["align"])._subparsers._group_actions[0].choices["align"]
+    choices = next(x.choices for x in a._actions if x.dest == "method")
+    assert set(choices) <= set(align.METHODS.names()) and "weight_matching" in choices
 
 
 def test_a_new_recipe_is_one_function_and_works_everywhere(tmp_path):
