@@ -7,10 +7,12 @@ All take a score matrix ``S`` (n, n) and return the permutation ``perm`` maximis
   fastest for n up to a few thousand; batches are solved in a loop.
 * ``"hungarian"``: ``optax.assignment.hungarian_algorithm``, exact and jit-able, so matching can
   run inside a compiled program (and batches are vmapped).
-* ``"auction"``: Bertsekas' auction algorithm (1988) with epsilon scaling, in the graph: each
-  unassigned row bids for its best column by the gap to its second best plus epsilon. Its result
-  is within ``n * eps_final`` of the optimum (exact for integer scores when ``eps_final < 1/n``);
-  useful for large n on accelerators, where it is a handful of vectorised sweeps.
+* ``"auction"``: Bertsekas' auction algorithm (1988) with epsilon scaling, in the graph: every
+  unassigned row bids for its best column by the gap to its second best plus epsilon (Jacobi
+  form). Its result is within ``n * eps_final = 1e-4 * (max - min score)`` of the optimum (exact
+  when the optimum is separated by more than that, e.g. near-permutation score matrices); meant
+  for accelerators, where each sweep is one vectorised step. On CPU it is far slower than scipy
+  for dense random scores (n=1024: ~30 s vs 0.05 s here).
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ def _hungarian(s):
     return jnp.zeros(s.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
 
 
-def _auction(s, eps_final: float | None = None, scale: float = 4.0):
-    """Forward auction with epsilon scaling (rows bid for columns), jit-compiled."""
+def _auction(s, eps_final: float | None = None, scale: float = 7.0):
+    """Forward auction with epsilon scaling (rows bid for columns), jit-compiled. ``eps_final``
+    defaults to ``1e-4 * spread / n``: the result is within ``1e-4 * spread`` of the optimum."""
     if s.ndim == 3:
         return jax.vmap(lambda x: _auction(x, eps_final, scale))(s)
     n = s.shape[0]
     s = s.astype(jnp.float32)
     spread = jnp.maximum(jnp.max(s) - jnp.min(s), 1e-12)
-    eps_end = spread * 1e-6 / n if eps_final is None else eps_final
+    eps_end = spread * 1e-4 / n if eps_final is None else jnp.float32(eps_final)
     eps0 = spread / 4.0
-    n_phases = int(np.ceil(np.log(float(1e6) * n / 4.0 + 1) / np.log(scale))) + 1
+    n_phases = int(np.ceil(np.log(1e4 * n / 4.0 + 1) / np.log(scale))) + 1
 
     def phase(carry, k):
         prices = carry
@@ -68,7 +71,7 @@ def _auction(s, eps_final: float | None = None, scale: float = 4.0):
             return jnp.any(owner < 0) & (it < 50 * n)
 
         def body(st):
-            owner, prices, it = st  # owner[col] = row or -1; assignment derived
+            owner, prices, it = st  # owner[col] = row or -1
             assigned = jnp.zeros(n, bool).at[jnp.where(owner >= 0, owner, n)].set(True, mode="drop")
             value = s - prices[None, :]
             best = jnp.argmax(value, axis=1)
@@ -76,13 +79,11 @@ def _auction(s, eps_final: float | None = None, scale: float = 4.0):
             second = jnp.max(jnp.where(jnp.arange(n)[None, :] == best[:, None], -jnp.inf, value), axis=1)
             second = jnp.where(jnp.isfinite(second), second, top)
             bid = top - second + eps
-            bidding = ~assigned
-            # each column takes the highest bid among bidding rows
-            bid_mat = jnp.where(bidding[:, None] & (jnp.arange(n)[None, :] == best[:, None]), bid[:, None], -jnp.inf)
+            # each column takes the highest bid among the unassigned rows bidding for it
+            bid_mat = jnp.where(~assigned[:, None] & (jnp.arange(n)[None, :] == best[:, None]), bid[:, None], -jnp.inf)
             win_bid = jnp.max(bid_mat, axis=0)
-            winner = jnp.argmax(bid_mat, axis=0)
             got = jnp.isfinite(win_bid)
-            owner = jnp.where(got, winner, owner)
+            owner = jnp.where(got, jnp.argmax(bid_mat, axis=0), owner)
             prices = jnp.where(got, prices + win_bid, prices)
             return owner, prices, it + 1
 
@@ -91,6 +92,12 @@ def _auction(s, eps_final: float | None = None, scale: float = 4.0):
 
     _, owners = jax.lax.scan(phase, jnp.zeros(n, jnp.float32), jnp.arange(n_phases))
     owner = owners[-1]
+    # a phase cut off by its iteration bound leaves columns unowned: give them the unassigned rows
+    # in order, so the result is always a permutation
+    free_rows = jnp.ones(n, bool).at[jnp.where(owner >= 0, owner, n)].set(False, mode="drop")
+    rows_sorted = jnp.argsort(~free_rows)  # free rows first
+    slot = jnp.cumsum(owner < 0) - 1
+    owner = jnp.where(owner >= 0, owner, rows_sorted[jnp.maximum(slot, 0)])
     return jnp.zeros(n, jnp.int32).at[owner].set(jnp.arange(n, dtype=jnp.int32))
 
 
