@@ -252,3 +252,19 @@ def test_repair_resnet1d(norm):
     else:                               # conv -> LayerNorm, no bias anywhere: rescale only
         assert set(info.no_bias) == set(info.layers)
     assert np.isfinite(np.asarray(out["head"]["kernel"])).all()
+
+
+def test_loss_barrier_fix_hook_is_applied_at_every_alpha():
+    from weightlab.align import loss_barrier
+
+    a, b = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    seen = []
+
+    def fix(p, t):
+        seen.append(round(t, 3))
+        return {"w": p["w"] * 0.0}
+
+    r = loss_barrier(lambda p: jnp.sum(p["w"]), a, b, n=3, fix=fix)
+    assert seen == [0.0, 0.5, 1.0] and r.values["loss"].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(AlignError, match="fix must be callable"):
+        loss_barrier(lambda p: jnp.sum(p["w"]), a, b, n=3, fix=3)

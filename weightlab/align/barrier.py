@@ -162,7 +162,8 @@ def _as_metrics(out) -> dict[str, Any]:
 
 
 def loss_barrier(loss_fn: Callable[[Any], Any], params_a, params_b, n: int = 11, *,
-                 higher_is_better: Sequence[str] | str = ("acc",)) -> Barrier:
+                 higher_is_better: Sequence[str] | str = ("acc",),
+                 fix: Callable[[Any, float], Any] | None = None) -> Barrier:
     """Evaluate ``loss_fn(θ(α))`` (a scalar, named ``"loss"``, or a dict of scalars) at ``n`` evenly
     spaced ``α ∈ [0, 1]`` of the linear path ``θ(α) = (1-α)·params_a + α·params_b`` (see
     :func:`interpolate`; Frankle et al. 2020, Ainsworth et al. 2023) and return a :class:`Barrier`.
@@ -171,7 +172,9 @@ def loss_barrier(loss_fn: Callable[[Any], Any], params_a, params_b, n: int = 11,
     ``higher_is_better`` substrings; its barrier is then the largest drop below the endpoint line.
     ``loss_fn`` and the interpolation are jit-compiled together once (α is a traced scalar); if
     ``loss_fn`` cannot be traced it is called eagerly. When 0.5 is not among the ``n`` alphas (even
-    ``n``) the midpoint is one extra evaluation.
+    ``n``) the midpoint is one extra evaluation. ``fix(params, alpha) -> params`` is applied to each
+    interpolated model before ``loss_fn`` (eagerly), e.g. REPAIR at every point of the path:
+    ``fix=lambda p, t: align.repair(apply_fn, p, (a, b), batches, alpha=t)``.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise AlignError(f"n must be an integer >= 2 (the two endpoints at least), got {n!r}")
@@ -179,10 +182,14 @@ def loss_barrier(loss_fn: Callable[[Any], Any], params_a, params_b, n: int = 11,
         raise AlignError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     la, lb, treedef, _ = _prepare(params_a, params_b)
 
-    def at(alpha):
-        return loss_fn(treedef.unflatten(_mix(la, lb, alpha)))
+    if fix is not None and not callable(fix):
+        raise AlignError(f"fix must be callable (params, alpha) -> params, got {type(fix).__name__}")
 
-    jitted = jax.jit(at)
+    def at(alpha):
+        p = treedef.unflatten(_mix(la, lb, alpha))
+        return loss_fn(p if fix is None else fix(p, float(alpha)))
+
+    jitted = jax.jit(at) if fix is None else None
 
     def evaluate(alpha):
         nonlocal jitted

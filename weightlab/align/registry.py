@@ -40,6 +40,11 @@ class AlignState(NamedTuple):
     perms: Any = None
     objective: Any = None
 
+    def __repr__(self) -> str:
+        if self.perms is None:
+            return "AlignState(no alignment yet)"
+        return f"AlignState({len(self.perms)} groups, objective={self.objective})"
+
 
 def _check_hp(name: str, hp: dict) -> None:
     entry = METHODS[name]

@@ -178,6 +178,10 @@ class RepairInfo(NamedTuple):
     skipped: dict         # kernel path -> why it was not repaired (head, tied weight)
     passes: int           # passes over ``batches`` with the interpolated model
 
+    def __repr__(self) -> str:
+        return (f"RepairInfo(repaired={list(self.layers)}, no_bias={list(self.no_bias)}, "
+                f"skipped={self.skipped}, passes={self.passes})")
+
 
 class _Program:
     """The traced program of ``apply_fn`` for one params structure: its producers and a jitted
