@@ -12,7 +12,8 @@ names or per-architecture code (:mod:`.infer`); :func:`check_spec` verifies any 
 registered in :data:`METHODS` (:mod:`.registry`): :func:`weight_matching` (head-aware, restarts),
 :func:`activation_matching`, :func:`sinkhorn_matching`, :func:`ste_matching`; each is also
 ``align.transform(name)``, a :class:`~weightlab.WeightTransform` taking ``reference=``. Around them:
-:func:`merge_many` (three or more models, cycle-consistent), :func:`repair` (REPAIR),
+:func:`merge_many` (three or more models, cycle-consistent), :func:`zip_models` (ZipIt-style
+merging within and across models), :func:`repair` (REPAIR),
 :func:`interpolate` / :func:`loss_barrier`, :func:`align_and_merge`, the LAP solvers (:mod:`.lap`).
 """
 
@@ -27,13 +28,14 @@ _WHERE = {
     **{n: "activation" for n in ("activation_matching", "correlations")},
     **{n: "soft" for n in ("sinkhorn", "soft_permute", "sinkhorn_matching", "ste_matching")},
     **{n: "many" for n in ("merge_many", "MergeManyResult")},
+    **{n: "zip" for n in ("zip_models", "zip_pairs")},
     **{n: "repair" for n in ("repair", "repair_stats", "RepairInfo")},
     **{n: "barrier" for n in ("interpolate", "loss_barrier", "Barrier")},
     **{n: "registry" for n in ("METHODS", "transform", "align_method", "AlignState")},
     **{n: "api" for n in ("align", "align_and_merge")},
 }
 _SUBMODULES = {"spec", "infer", "check", "matching", "activation", "soft", "many", "repair", "barrier", "registry",
-               "api", "lap", "cli"}
+               "api", "lap", "cli", "zip"}
 
 __all__ = sorted(_WHERE)
 

@@ -226,6 +226,9 @@ class _Tracer:
         self.values: list[list[list[int]]] = []  # every value's axes, for the nesting analysis
         self.unknown: dict[str, int] = collections.Counter()
         self.param_ids: dict[int, int] = {}  # id(axes of a parameter) -> its index
+        self.derived: dict[int, tuple] = {}  # id(axes) -> (param index, param axis of each axis): a param
+        # seen through transposes and dtype casts
+        self.consumed: set = set()  # (param index, param axis) contracted with activations (a layer's inputs)
         self.first_use: list[int] = []
         self.sites: list[tuple] = []  # (eqn, operand, axis, atoms): activations contracted by a matmul/conv
 
@@ -275,6 +278,12 @@ class _Tracer:
                 if name not in {"iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap",
                                 "random_unwrap", "threefry2x32", "argmax", "argmin"}:
                     self.unknown[name] += 1
+            src = self.derived.get(id(ins[0])) if ins else None
+            if src is not None and len(outs) == 1:
+                if eqn.primitive.name == "transpose":
+                    self.derived[id(outs[0])] = (src[0], tuple(src[1][i] for i in eqn.params["permutation"]))
+                elif eqn.primitive.name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+                    self.derived[id(outs[0])] = src
             for v, o in zip(eqn.outvars, outs):
                 env[v] = self.record(o)
         return [read(v) for v in jaxpr.outvars]
@@ -336,6 +345,10 @@ class _Tracer:
             for k, (v, axes) in enumerate(((x, lc), (y, rc))):
                 if id(v) not in self.param_ids and len(axes) == 1:
                     self.sites.append((eqn, k, axes[0], v[axes[0]]))
+                src = self.derived.get(id(v))
+                other = y if k == 0 else x
+                if src is not None and id(other) not in self.derived:
+                    self.consumed.update((src[0], src[1][a]) for a in axes)
             for i, j in list(zip(lc, rc)) + list(zip(lb, rb)):
                 uf.unify(x[i], y[j])
             free_x = [x[i] for i in range(len(x)) if i not in lc and i not in lb]
@@ -423,6 +436,9 @@ class _Tracer:
         g = int(p.get("feature_group_count", 1))
         if g == 1 and id(x) not in self.param_ids:
             self.sites.append((eqn, 0, lhs_spec[1], x[lhs_spec[1]]))
+        src = self.derived.get(id(w))
+        if src is not None and id(x) not in self.derived:
+            self.consumed.add((src[0], src[1][rhs_spec[1]]))
         cin = eqn.invars[0].aval.shape[lhs_spec[1]]
         cout = eqn.invars[1].aval.shape[rhs_spec[0]]
         xg, xc = uf.regroup(x[lhs_spec[1]], [g, cin // g])
@@ -448,15 +464,17 @@ def _abstract(x):
 
 
 class Analysis(NamedTuple):
-    """What :func:`analyse` learned: the traced program, the spec, and per group the matmul/conv
+    """What :func:`analyse` learned: the traced program, the spec, per group the matmul/conv
     operands (``(eqn, operand index, axis)``) whose contracted axis is exactly that group's units —
-    where activation matching reads the units' activations."""
+    where activation matching reads the units' activations — and which parameter axes are layer
+    inputs (contracted with activations; every other labelled axis produces units)."""
 
     closed: Any
     spec: Spec
     sites: dict
     treedef: Any
     batch_def: Any
+    consumed: frozenset = frozenset()  # (path, axis) of parameters contracted with activations (layer inputs)
 
 
 def infer_spec(apply_fn: Callable, params: Any, batch: Any) -> Spec:
@@ -487,6 +505,7 @@ def analyse(apply_fn: Callable, params: Any, batch: Any) -> Analysis:
     uf = tr.uf
     param_axes = [tr.fresh(a.shape) for a in abstract]
     tr.param_ids = {id(ax): i for i, ax in enumerate(param_axes)}
+    tr.derived = {id(ax): (i, tuple(range(len(ax)))) for i, ax in enumerate(param_axes)}
     inputs = [tr.fresh(b.shape, pinned=True, reason="input") for b in b_abs]
     outs = tr.run(closed.jaxpr, closed.consts, param_axes + inputs)
     tr.pin_all(outs, "output")
@@ -502,7 +521,8 @@ def analyse(apply_fn: Callable, params: Any, batch: Any) -> Analysis:
         ex = uf.expand(atoms)
         if len(ex) == 1 and ex[0] in names and not uf.is_pinned(ex[0]):
             sites[names[ex[0]]].append((eqn, k, axis))
-    return Analysis(closed, spec, dict(sites), treedef, b_def)
+    consumed = frozenset((paths[i], a) for i, a in tr.consumed)
+    return Analysis(closed, spec, dict(sites), treedef, b_def, consumed)
 
 
 def _build(tr: _Tracer, paths, shapes, param_axes) -> Spec:
