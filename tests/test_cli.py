@@ -54,6 +54,10 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert s["sections"]["models"] == "ran"
     assert s["sections"]["quantization (weightlab.quant)"] == "ran"
     assert s["sections"]["merging (weightlab.merge)"] == "ran"
+    assert s["sections"]["alignment (weightlab.align)"] == "ran"
+    al = s["alignment"]
+    assert al["weight_matching"]["mid_acc"] > al["naive_mid_acc"] + 0.1  # alignment removes most of the barrier
+    assert (tmp_path / "d" / "alignment.png").stat().st_size > 1000
     merged = {r["method"]: r["mean"] for r in s["merging"]["rows"]}
     assert s["merging"]["tasks"] == ["identity", "reversed", "shifted", "warped"]
     assert merged["RegMean"] > merged["base (pretrained)"]  # merging recovers part of the fine-tunes' gain
