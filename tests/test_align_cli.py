@@ -85,6 +85,8 @@ def test_llama_align_cli_dry_run_checks_and_errors(tmp_path, capsys):
     assert cli.main(["align", str(src), str(src), str(tmp_path / "o")]) == 2
     assert "same checkpoint" in capsys.readouterr().err
     assert cli.main(["align", str(src), str(bdir), str(bdir)]) == 2
+    assert cli.main(["align", str(src), str(bdir), str(tmp_path), "--overwrite"]) == 2  # contains both inputs
+    assert "destroy the input" in capsys.readouterr().err and (src / "config.json").is_file()
     assert cli.main(["align", str(src), str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     assert cli.main(["align", str(src), str(bdir), str(tmp_path / "o"), "--pin-residual"]) == 0
     with wio.open_checkpoint(tmp_path / "o") as c:

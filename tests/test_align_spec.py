@@ -241,3 +241,51 @@ def test_minilm_spec_from_the_real_checkpoint():
     assert s.groups[heads].size == 12
     assert s.groups[s.group_of("encoder/layer_0/attn/query/kernel", 1, 1)].parent == heads
     assert align.check_spec(s, m.apply_fn, m.params, batch, trials=1) <= 1e-5
+
+
+def _check_sound(f, params, batch):
+    spec = align.infer_spec(f, params, batch)
+    align.check_spec(spec, f, params, batch, trials=3)
+    return spec
+
+
+def test_adversarial_programs_never_get_a_false_symmetry():
+    """Found in review: per-head dims may not nest under heads that a matmul leaves free, or that a
+    broadcast copies onto a second axis; a gather's index-vector axis is not a symmetry; one group
+    on two factors of an axis is pinned, not an error."""
+    H, D = 3, 4
+    k = jax.random.split(jax.random.key(0), 4)
+    p = {"wq": jax.random.normal(k[0], (5, H * D))}
+    x = jax.random.normal(k[1], (7, 5))
+
+    def heads_free(p, x):
+        q = (x @ p["wq"]).reshape(x.shape[0], H, D)
+        return jnp.einsum("bhd,bgd->bhg", q, q).sum((1, 2))
+
+    def outer_over_heads(p, x):
+        q = (x @ p["wq"]).reshape(x.shape[0], H, D)
+        return jnp.tanh((q[:, :, None, :] * q[:, None, :, :]).sum(2)).sum((1, 2))
+
+    for f in (heads_free, outer_over_heads):
+        s = _check_sound(f, p, x)
+        assert all(g.parent is None for g in s.groups.values())
+    dn = jax.lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0, 1), start_index_map=(0, 1))
+    s = _check_sound(lambda p, x: jax.lax.gather(x, p["ij"], dn, slice_sizes=(1, 1)),
+                     {"ij": jnp.array([[0, 1], [2, 3], [4, 3]])}, jax.random.normal(k[2], (5, 6)))
+    assert s.axes["ij"][1] == ()
+
+    def square(p, x):
+        w = p["w"].reshape(6, 6)
+        w = w + w.T
+        return (x @ w @ w).sum(1)
+
+    _check_sound(square, {"w": jax.random.normal(k[3], (36,))}, jax.random.normal(k[1], (7, 6)))
+
+
+def test_check_spec_never_tests_the_identity():
+    from weightlab.align.check import _moving
+
+    spec = align.make_spec({"a": ("h",)}, {"a": jnp.zeros(2)})
+    for s in range(8):
+        m = _moving(align.random_perms(spec, jax.random.key(s)))
+        assert np.asarray(m["h"]).tolist() == [1, 0]

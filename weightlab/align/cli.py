@@ -82,8 +82,11 @@ def run(args) -> int:
     ra, rb = Path(args.reference), Path(args.input)
     if ra.resolve() == rb.resolve():
         raise UsageError("A and B are the same checkpoint")
-    if Path(args.output).resolve() in (ra.resolve(), rb.resolve()):
-        raise UsageError(f"the output {args.output} is one of the inputs")
+    out = Path(args.output).resolve()
+    for r in (ra.resolve(), rb.resolve()):
+        if out == r or out in r.parents:
+            raise UsageError(f"the output {args.output} is, or contains, the input {r}: writing it would destroy the "
+                             "input (even with --overwrite)")
     if args.restarts < 1:
         raise UsageError(f"--restarts must be >= 1, got {args.restarts}")
     if args.calibration and args.method != "activation_matching":
@@ -108,12 +111,17 @@ def run(args) -> int:
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in calibration_batches(tok, texts, 64)]
     pa = arch.to_params({n: jnp.asarray(ca[n], jnp.float32) for n in shapes_a if is_floating(ca.dtype(n))})
     spec = infer_spec(arch.apply_fn, pa, batches[0])
+    note = ""
     if args.pin_residual:
-        widest = max(spec.groups, key=lambda g: len(spec.leaves(g)))
-        spec = spec.pin(widest)
+        emb = [p for p in spec.axes if "embed" in p and "position" not in p and "token_type" not in p
+               and len(spec.axes[p]) == 2]
+        res = spec.group_of(emb[0], 1) if emb else None
+        if res is None:
+            note = "; --pin-residual: the residual stream is already fixed (the model's outputs are its features)"
+        else:
+            spec, note = spec.pin(res), f"; residual stream ({res}) pinned"
     print(f"{ra} <- {rb}: {arch.model_type}, {len(spec.groups)} permutation groups inferred "
-          f"({sum(g.size for g in spec.groups.values())} units)" + ("; residual stream pinned" if args.pin_residual
-                                                                    else ""))
+          f"({sum(g.size for g in spec.groups.values())} units){note}")
     if args.dry_run:
         print(spec.summary())
         return 0

@@ -229,6 +229,7 @@ class _Tracer:
         self.derived: dict[int, tuple] = {}  # id(axes) -> (param index, param axis of each axis): a param
         # seen through transposes and dtype casts
         self.consumed: set = set()  # (param index, param axis) contracted with activations (a layer's inputs)
+        self.mixed: list = []  # (contracted axes, free axes) of each dot_general: no nesting across them
         self.first_use: list[int] = []
         self.sites: list[tuple] = []  # (eqn, operand, axis, atoms): activations contracted by a matmul/conv
 
@@ -353,6 +354,9 @@ class _Tracer:
                 uf.unify(x[i], y[j])
             free_x = [x[i] for i in range(len(x)) if i not in lc and i not in lb]
             free_y = [y[i] for i in range(len(y)) if i not in rc and i not in rb]
+            # a unit contracted while another group indexes an operand freely cannot be permuted per
+            # position of that group (per-head dims only cancel when the heads are batch or contracted)
+            self.mixed.append(([x[i] for i in lc], free_x + free_y))
             return [[x[i] for i in lb] + free_x + free_y]
         if name in ("slice", "pad", "dynamic_slice"):
             x, shape = ins[0], shapes[0]
@@ -421,6 +425,7 @@ class _Tracer:
                 out[od] = [uf.new(shape[od], True, "gather")] if shape[od] > 1 else []
             else:
                 out[od] = x[i]
+        uf.pin(idx[-1], "gather")  # the index-vector axis: which coordinate each entry is
         batch = [d for d in range(len(shape)) if d not in dn.offset_dims]
         for d, ax in zip(batch, idx[:-1]):
             out[d] = ax
@@ -519,7 +524,7 @@ def analyse(apply_fn: Callable, params: Any, batch: Any) -> Analysis:
     sites: dict = collections.defaultdict(list)
     for eqn, k, axis, atoms in tr.sites:
         ex = uf.expand(atoms)
-        if len(ex) == 1 and ex[0] in names and not uf.is_pinned(ex[0]):
+        if len(ex) == 1 and ex[0] in names and not uf.is_pinned(ex[0]) and spec.groups[names[ex[0]]].parent is None:
             sites[names[ex[0]]].append((eqn, k, axis))
     consumed = frozenset((paths[i], a) for i, a in tr.consumed)
     return Analysis(closed, spec, dict(sites), treedef, b_def, consumed)
@@ -527,22 +532,35 @@ def analyse(apply_fn: Callable, params: Any, batch: Any) -> Analysis:
 
 def _build(tr: _Tracer, paths, shapes, param_axes) -> Spec:
     uf = tr.uf
+    for axes in param_axes:  # one group on two factors of one axis: no permutation of it is a symmetry
+        for ax in axes:
+            ex = uf.expand(ax)
+            for a in {a for a in ex if ex.count(a) > 1}:
+                uf.pin([a], "repeated factor")
     leaf_atoms = [[uf.expand(ax) for ax in axes] for axes in param_axes]
     free = lambda a: not uf.is_pinned(a)  # noqa: E731
+    never: set = set()  # (A, B): B may not nest under A
+    for contracted, loose in tr.mixed:
+        cs = {b for ax in contracted for b in uf.expand(ax)}
+        fs = {a for ax in loose for a in uf.expand(ax)}
+        never |= {(a, b) for a in fs for b in cs}
     # nesting: B under A when A is present in every value holding B, and a more-major factor of
     # the same axis in every parameter axis holding B
     present: dict[int, set] = {}
     for v in tr.values:
-        atoms = {a for ax in v for a in uf.expand(ax)}
+        per_axis = [uf.expand(ax) for ax in v]
+        atoms = {a for ax in per_axis for a in ax}
         for a in atoms:
             present[a] = present[a] & atoms if a in present else set(atoms)
+        seen: collections.Counter = collections.Counter(a for ax in per_axis for a in set(ax))
+        never |= {(a, b) for a, k in seen.items() if k > 1 for b in atoms if b != a}  # A copied onto two axes
     cand: dict[int, list] = {}
     for axes in leaf_atoms:
         for ax in axes:
             for k, b in enumerate(ax):
                 if not free(b):
                     continue
-                major = [a for a in ax[:k] if free(a) and a in present.get(b, set())]
+                major = [a for a in ax[:k] if free(a) and a in present.get(b, set()) and (a, b) not in never]
                 cand[b] = [a for a in cand[b] if a in major] if b in cand else major
     parent: dict[int, int] = {}
     for b, cs in cand.items():

@@ -57,8 +57,10 @@ def _auction(s, eps_final: float | None = None, scale: float = 7.0):
         return jax.vmap(lambda x: _auction(x, eps_final, scale))(s)
     n = s.shape[0]
     s = s.astype(jnp.float32)
+    s = s - jnp.max(s, axis=1, keepdims=True)  # a constant per row changes no assignment; keeps values small
     spread = jnp.maximum(jnp.max(s) - jnp.min(s), 1e-12)
-    eps_end = spread * 1e-4 / n if eps_final is None else jnp.float32(eps_final)
+    # below a few float32 ulps of the values, bids stop moving prices (ties would stall to the bound)
+    eps_end = jnp.maximum(spread * 1e-4 / n, spread * 5e-7) if eps_final is None else jnp.float32(eps_final)
     eps0 = spread / 4.0
     n_phases = int(np.ceil(np.log(1e4 * n / 4.0 + 1) / np.log(scale))) + 1
 

@@ -19,7 +19,6 @@ scores, then re-solves the inner assignments — so heads move as units and thei
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Mapping
 
 import jax
@@ -129,15 +128,13 @@ def _solve_value(s, solver):
     return perm, jnp.take_along_axis(s, perm[..., None], axis=-1)[..., 0].sum(-1)
 
 
-_SCORERS: "weakref.WeakKeyDictionary[Spec, _Scorer]"
-
-
 def _scorer(spec: Spec) -> "_Scorer":
-    """The compiled scorer of ``spec`` (kept while the spec lives, so repeated matchings with one
-    spec compile once)."""
-    sc = _SCORERS.get(spec)
+    """The compiled scorer of ``spec``, kept on the spec (so repeated matchings with one spec
+    compile once, and the scorer goes when the spec goes)."""
+    sc = getattr(spec, "_scorer", None)
     if sc is None:
-        sc = _SCORERS[spec] = _Scorer(spec)
+        sc = _Scorer(spec)
+        object.__setattr__(spec, "_scorer", sc)
     return sc
 
 
@@ -168,22 +165,26 @@ class _Scorer:
             self._jit[group] = jax.jit(scores)
         return self._jit[group]
 
-    def update(self, group: str, perms: dict, fa, fb, solver: str) -> dict:
+    def update(self, group: str, perms: dict, fa, fb, solver: str, fixed=()) -> dict:
         """New permutations for ``group`` (and its nested groups) with every other group fixed; a
-        top-level group with nested groups is assigned head-aware (see the module docstring)."""
+        top-level group with nested groups is assigned head-aware (see the module docstring). A
+        nested group in ``fixed`` keeps its permutation (indexed by the new head position), and
+        the head pairs are scored with it."""
         score, pairs = self._fn(group)(perms, fa, fb)
         if not pairs:
             return {group: lap.solve(score, solver)}
-        for ps in pairs:
-            score = score + _solve_value(ps, solver)[1]
+        for c, ps in zip(self.kids[group], pairs):
+            if c in fixed:  # pair (i, j) with head i's fixed inner order: sum_p ps[i, j, p, pi[i, p]]
+                pi = jnp.broadcast_to(perms[c][:, None, :, None], ps.shape[:3] + (1,))
+                score = score + jnp.take_along_axis(ps, pi, axis=3)[..., 0].sum(-1)
+            else:
+                score = score + _solve_value(ps, solver)[1]
         heads = lap.solve(score, solver)
         new = {group: heads}
         for c, ps in zip(self.kids[group], pairs):
-            new[c] = lap.solve(ps[jnp.arange(ps.shape[0]), heads], solver)
+            if c not in fixed:
+                new[c] = lap.solve(ps[jnp.arange(ps.shape[0]), heads], solver)
         return new
-
-
-_SCORERS = weakref.WeakKeyDictionary()
 
 
 def _direct_score(spec: Spec, group: str, kids: list[str], fa, pb) -> jax.Array:
@@ -248,11 +249,11 @@ def weight_matching(spec: Spec, params_a: Any, params_b: Any, *, key: jax.Array 
             before = obj
             for i in order:
                 cand = dict(perms)
-                cand.update({k: v for k, v in sc.update(names[int(i)], perms, fa, fb, solver).items()
+                cand.update({k: v for k, v in sc.update(names[int(i)], perms, fa, fb, solver, fixed).items()
                              if k not in fixed})
                 new = float(sc.objective(cand, fa, fb))
                 if new >= obj - 1e-9 * max(abs(obj), 1.0):
-                    perms, obj = cand, max(new, obj)
+                    perms, obj = cand, new
             hist.append(obj)
             if obj - before <= tol * max(abs(before), 1.0):
                 break

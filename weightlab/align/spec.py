@@ -171,6 +171,8 @@ def make_spec(axes: Any, params: Any, groups: Mapping[str, Any] | None = None, *
         norm[p] = tuple(_norm_axis(e, p, a) for a, e in enumerate(entry))
     gs: dict[str, Group] = {}
     for name, g in (groups or {}).items():
+        if isinstance(g, Group) and g.name != name:
+            raise SpecError(f"groups: key '{name}' holds Group named '{g.name}'; they must agree")
         gs[name] = g if isinstance(g, Group) else Group(name, int(g))
     # sizes from axes with one unknown group
     for _ in range(3):
