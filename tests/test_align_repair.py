@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from weightlab.align.barrier import Barrier, interpolate, loss_barrier
-from weightlab.align.repair import repair, repair_stats
+from weightlab.align.renorm import repair, repair_stats
 from weightlab.errors import AlignError, NoMatchError, ShapeMismatchError, StructureMismatchError
 from weightlab.models import cnn, mlp
 

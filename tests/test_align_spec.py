@@ -289,3 +289,14 @@ def test_check_spec_never_tests_the_identity():
     for s in range(8):
         m = _moving(align.random_perms(spec, jax.random.key(s)))
         assert np.asarray(m["h"]).tolist() == [1, 0]
+
+
+def test_public_names_are_functions_even_after_their_modules_load():
+    """A submodule named like a public function would shadow it once imported (align.repair was
+    the renorm module for a while): every lazy name must stay the object it names."""
+    import importlib
+
+    for sub in align._SUBMODULES:
+        importlib.import_module(f"weightlab.align.{sub}")
+    for name in align.__all__:
+        assert not isinstance(getattr(align, name), type(importlib)), name

@@ -29,12 +29,12 @@ _WHERE = {
     **{n: "soft" for n in ("sinkhorn", "soft_permute", "sinkhorn_matching", "ste_matching")},
     **{n: "many" for n in ("merge_many", "MergeManyResult")},
     **{n: "zip" for n in ("zip_models", "zip_pairs")},
-    **{n: "repair" for n in ("repair", "repair_stats", "RepairInfo")},
+    **{n: "renorm" for n in ("repair", "repair_stats", "RepairInfo")},
     **{n: "barrier" for n in ("interpolate", "loss_barrier", "Barrier")},
     **{n: "registry" for n in ("METHODS", "transform", "align_method", "AlignState")},
     **{n: "api" for n in ("align", "align_and_merge")},
 }
-_SUBMODULES = {"spec", "infer", "check", "matching", "activation", "soft", "many", "repair", "barrier", "registry",
+_SUBMODULES = {"spec", "infer", "check", "matching", "activation", "soft", "many", "renorm", "barrier", "registry",
                "api", "lap", "cli", "zip"}
 
 __all__ = sorted(_WHERE)

@@ -48,7 +48,7 @@ def align_and_merge(models: Sequence[Any], *, spec=None, method: str = "weight_m
     from .. import merge as wmerge
     from .infer import infer_spec
     from .many import merge_many
-    from .repair import repair
+    from .renorm import repair
 
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise AlignError("align_and_merge needs a list of at least 2 models")
