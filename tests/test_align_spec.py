@@ -300,3 +300,23 @@ def test_public_names_are_functions_even_after_their_modules_load():
         importlib.import_module(f"weightlab.align.{sub}")
     for name in align.__all__:
         assert not isinstance(getattr(align, name), type(importlib)), name
+
+
+def test_pooling_keeps_channel_symmetries():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Conv(1, 6, (3,), rngs=rngs)
+            self.b = nnx.Conv(6, 5, (3,), rngs=rngs)
+            self.o = nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.max_pool(jax.nn.relu(self.a(x[..., None])), (2,), strides=(2,))
+            h = nnx.avg_pool(jax.nn.relu(self.b(h)), (2,), strides=(2,))
+            return self.o(h.mean(1))
+
+    m = models.from_nnx(Net(nnx.Rngs(0)))
+    s = align.infer_spec(m.apply_fn, m.params, _x((3, 20)))
+    assert s.report == () and len(s.groups) == 2
+    align.check_spec(s, m.apply_fn, m.params, _x((3, 20)))

@@ -377,6 +377,18 @@ class _Tracer:
                     uf.pin(x[i], name)
                     out.append([uf.new(s, True, name)] if s > 1 else [])
             return [out]
+        if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "cumsum_window"):
+            x, shape = ins[0], shapes[0]  # pooling: channels (window 1, stride 1, no padding) pass through
+            out = []
+            for i, s_ in enumerate(shape):
+                plain = (p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+                         and tuple(p["padding"][i]) == (0, 0) and p.get("base_dilation", (1,) * len(shape))[i] == 1)
+                if plain:
+                    out.append(x[i])
+                else:
+                    uf.pin(x[i], name)
+                    out.append([uf.new(s_, True, name)] if s_ > 1 else [])
+            return [out]
         if name == "concatenate":
             d, shape = p["dimension"], shapes[0]
             out = [list(a) for a in ins[0]]
