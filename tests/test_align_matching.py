@@ -262,3 +262,27 @@ def test_activation_matching_on_multi_head_attention_without_rope():
     b = align.permute(spec, align.random_perms(spec, jax.random.key(7)), params)
     found = align.activation_matching(spec, m.apply_fn, params, b, [_x(seed=s) for s in range(2)])
     assert _same(align.permute(spec, found, b), params)
+
+
+def test_hurried_user_inputs_get_typed_errors_or_just_work(mlp):
+    """From a user trial: a bare array or a generator as batches, arguments in the wrong order, an
+    int key, matching under jit, integer leaves and bf16 in merge_many."""
+    m, spec = mlp
+    b = align.permute(spec, align.random_perms(spec, jax.random.key(2)), m.params)
+    x = _x()
+    for batches in (x, (x for _ in range(2))):  # one array = one batch; generators are read once
+        out, _ = align.align(b, m.params, apply_fn=m.apply_fn, batches=batches, method="activation_matching")
+        assert _same(out, m.params)
+    with pytest.raises(AlignError, match="expected a Spec"):
+        align.weight_matching(m.params, b, spec)
+    with pytest.raises(wl.errors.UsageError, match="PRNG key"):
+        align.check_spec(spec, m.apply_fn, m.params, x, key=0)
+    with pytest.raises(AlignError, match="outside jax.jit"):
+        jax.jit(lambda p, r: align.weight_matching(spec, r, p))(b, m.params)
+    ints = [{**p, "step": jnp.array(s)} for p, s in ((m.params, 3), (b, 7))]
+    si = align.infer_spec(lambda p, x: m.apply_fn({k: v for k, v in p.items() if k != "step"}, x), ints[0], x)
+    with pytest.raises(AlignError, match="'step'"):
+        align.merge_many(si, ints)
+    half = [jax.tree.map(lambda v: v.astype(jnp.bfloat16), p) for p in (m.params, b)]
+    res = align.merge_many(spec, half)
+    assert res.converged and res.merged["dense_0"]["kernel"].dtype == jnp.bfloat16

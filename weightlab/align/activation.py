@@ -31,6 +31,7 @@ from . import lap
 from .infer import _CALLS, _sub_jaxpr, analyse
 from .matching import Perms, _scorer, flat_params, weight_matching
 from .registry import align_method
+from .registry import as_batches
 from .spec import Spec, identity_perms
 
 __all__ = ["activation_matching", "correlations"]
@@ -69,7 +70,7 @@ def correlations(apply_fn: Callable, params_a: Any, params_b: Any, batches: Iter
                  analysis=None, normalize: bool = True) -> dict[str, jax.Array]:
     """Per group with activation sites: the (n, n) matrix ``C[i, j]`` = correlation (or mean product)
     of unit ``i`` of model A with unit ``j`` of model B over every row of every batch."""
-    batches = list(batches)
+    batches = as_batches(batches)
     if not batches:
         raise AlignError("activation matching needs at least one batch")
     an = analysis or analyse(apply_fn, params_a, batches[0])
@@ -130,7 +131,7 @@ def activation_matching(spec: Spec, apply_fn: Callable, params_a: Any, params_b:
     flat_params(spec, params_a, "params_a")
     flat_params(spec, params_b, "params_b")
     wtree.check_compatible(params_a, params_b)
-    batches = list(batches)
+    batches = as_batches(batches)
     if not batches:
         raise AlignError("activation_matching needs at least one batch")
     an = analyse(apply_fn, params_a, batches[0])

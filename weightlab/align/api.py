@@ -27,10 +27,13 @@ def align(params: Any, reference: Any, *, spec=None, method: str = "weight_match
     from .infer import infer_spec
     from .spec import permute
 
+    from .registry import as_batches
+
+    batches = as_batches(batches)
     if spec is None:
         if apply_fn is None or not batches:
             raise AlignError("align: give spec=, or apply_fn= and batches= to infer it")
-        spec = infer_spec(apply_fn, reference, list(batches)[0])
+        spec = infer_spec(apply_fn, reference, batches[0])
     perms = run_method(method, spec, reference, params, key=key, apply_fn=apply_fn, loss_fn=loss_fn,
                        batches=batches, **hp)
     return permute(spec, perms, params), perms
@@ -50,8 +53,11 @@ def align_and_merge(models: Sequence[Any], *, spec=None, method: str = "weight_m
     from .many import merge_many
     from .renorm import repair
 
+    from .registry import as_batches
+
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise AlignError("align_and_merge needs a list of at least 2 models")
+    batches, repair_batches = as_batches(batches), as_batches(repair_batches, "repair_batches")
     if merge not in wmerge.METHODS:
         wmerge.METHODS[merge]  # raises with suggestions
     if repair_batches is not None and apply_fn is None:
@@ -59,7 +65,7 @@ def align_and_merge(models: Sequence[Any], *, spec=None, method: str = "weight_m
     if spec is None:
         if apply_fn is None or not (batches or repair_batches):
             raise AlignError("align_and_merge: give spec=, or apply_fn= and batches= to infer it")
-        spec = infer_spec(apply_fn, models[0], list(batches or repair_batches)[0])
+        spec = infer_spec(apply_fn, models[0], (batches or repair_batches)[0])
     if len(models) == 2:
         b, _ = align(models[1], models[0], spec=spec, method=method, apply_fn=apply_fn, batches=batches, key=key, **hp)
         aligned = [models[0], b]

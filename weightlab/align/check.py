@@ -29,10 +29,15 @@ def _relerr(a, b) -> float:
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
+_CULPRIT = None
+
+
 def _hint(spec: Spec, group: str, apply_fn, params, batch) -> str:
     """Leaf axes where ``group`` differs from the inferred symmetry containing its first axis."""
+    global _CULPRIT
     from .infer import infer_spec
 
+    _CULPRIT = None
     try:
         ref = infer_spec(apply_fn, params, batch)
     except Exception:  # noqa: BLE001 - a hint only
@@ -45,6 +50,7 @@ def _hint(spec: Spec, group: str, apply_fn, params, batch) -> str:
     theirs = {pa for n in names for pa in ref.leaves(n)}
     missing = sorted(theirs - mine)
     extra = sorted(mine - theirs)
+    _CULPRIT = (missing or extra or [None])[0]
     out = []
     if missing:
         out.append("missing from the group: " + ", ".join(f"'{q}' axis {b}" for q, b in missing[:6]))
@@ -77,9 +83,13 @@ def check_spec(spec: Spec, apply_fn: Callable, params: Any, batch: Any, *, key: 
     failing group) or :class:`~weightlab.errors.SpecError` when the spec does not fit the params.
     Use a batch of varied (random) inputs: symmetric inputs can hide a broken symmetry.
     """
+    from .spec import check_is_spec
+
+    check_is_spec(spec)
     pairs = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)[0]
     validate_leaves(spec, {p: tuple(x.shape) if wtree.is_atomic(x) else tuple(np.shape(x)) for p, x in pairs})
     key = jax.random.key(0) if key is None else key
+    wtree.check_key(key)
     f = jax.jit(apply_fn)
     y0 = f(params, batch)
     if not all(bool(jnp.all(jnp.isfinite(jnp.asarray(y)))) for y in jax.tree.leaves(y0)):
@@ -94,9 +104,12 @@ def check_spec(spec: Spec, apply_fn: Callable, params: Any, batch: Any, *, key: 
             if not err <= rtol:
                 p, a = spec.leaves(g)[0] if spec.leaves(g) else (None, None)
                 where = ", ".join(f"'{q}' axis {b}" for q, b in spec.leaves(g)[:8])
+                hint = _hint(spec, g, apply_fn, params, batch)
+                if _CULPRIT is not None:  # the leaf axis the traced symmetry says is wrong
+                    p, a = _CULPRIT
                 raise SymmetryError(
                     f"permuting group '{g}' (size {spec.groups[g].size}) changes the outputs (relative error "
-                    f"{err:.3g} > {rtol:g}); it moves {where}{_hint(spec, g, apply_fn, params, batch)}", p, a)
+                    f"{err:.3g} > {rtol:g}); it moves {where}{hint}", p, a)
         err = _relerr(f(permute(spec, perms, params), batch), y0)
         worst = max(worst, err)
         if not err <= rtol:

@@ -57,6 +57,9 @@ def _load(root: Path):
     if not root.is_dir():
         raise CheckpointNotFoundError(f"{root}: not a checkpoint directory")
     cfg = hf_config(root)
+    if cfg is None:
+        raise UsageError(f"{root}: no config.json; weightlab align runs the model, so it needs a Hugging Face "
+                         "checkpoint directory (config.json, tokenizer.json, safetensors) of model_type bert or llama")
     c = wio.open_checkpoint(root)
     names = list(c.keys())
     arch = architecture(cfg, names, str(root))

@@ -477,7 +477,8 @@ class _Tracer:
 def _abstract(x):
     if wtree.is_atomic(x):
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    return jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype))
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # never copies an array to the host
+    return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
 class Analysis(NamedTuple):

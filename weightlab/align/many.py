@@ -28,17 +28,27 @@ __all__ = ["merge_many", "MergeManyResult"]
 class MergeManyResult(NamedTuple):
     """``merged``: the average of the aligned models; ``aligned``: each model permuted into the
     common frame; ``perms``: each model's permutations (model 0's frame is not special);
-    ``rounds``: passes until nothing changed."""
+    ``rounds``: passes made; ``converged``: whether the last pass changed nothing (else
+    ``max_rounds`` ran out, with a warning)."""
 
     merged: Any
     aligned: list
     perms: list
     rounds: int
+    converged: bool = True
 
 
 def _mean(trees: Sequence[Any]) -> Any:
-    return jax.tree.map(lambda *xs: sum(jnp.asarray(x, jnp.float32) for x in xs) / len(xs), *trees,
-                        is_leaf=wtree.is_atomic)
+    """Leafwise average in float32, returned in each leaf's dtype; integer leaves must agree."""
+    def avg(path, *xs):
+        x0 = jnp.asarray(xs[0])
+        if not jnp.issubdtype(x0.dtype, jnp.floating):
+            if any(not bool(jnp.array_equal(x0, jnp.asarray(x))) for x in xs[1:]):
+                raise AlignError(f"'{path}': an integer leaf differs between the models; it cannot be averaged")
+            return x0
+        return (sum(jnp.asarray(x, jnp.float32) for x in xs) / len(xs)).astype(x0.dtype)
+
+    return wtree.map_with_path(avg, trees[0], *trees[1:])
 
 
 def _deq(t):
@@ -62,6 +72,9 @@ def merge_many(spec: Spec, models: Sequence[Any], *, key: jax.Array | None = Non
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise AlignError(f"merge_many: max_rounds must be an integer >= 1, got {max_rounds!r}")
     METHODS[method]
+    from .registry import as_batches
+
+    batches = as_batches(batches)
     models = [_deq(m) for m in models]
     wtree.check_compatible(*models)
     key = jax.random.key(0) if key is None else key
@@ -86,4 +99,10 @@ def merge_many(spec: Spec, models: Sequence[Any], *, key: jax.Array | None = Non
             aligned[i] = permute(spec, new, models[i])
         if not changed:
             break
-    return MergeManyResult(_mean(aligned), aligned, perms, rounds)
+    if changed:
+        import warnings
+
+        warnings.warn(f"merge_many: permutations still changed after max_rounds={max_rounds} passes (common with "
+                      "data-driven matchers, whose targets move with every pass); the result is the last pass's",
+                      stacklevel=2)
+    return MergeManyResult(_mean(aligned), aligned, perms, rounds, not changed)

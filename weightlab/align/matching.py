@@ -53,6 +53,9 @@ def flat_params(spec: Spec, params: Any, what: str) -> dict[str, jax.Array]:
     validate_leaves(spec, {p: tuple(x.shape) if wtree.is_atomic(x) else tuple(np.shape(x)) for p, x in pairs})
     out = {}
     for p, x in pairs:
+        if isinstance(x, jax.core.Tracer):
+            raise AlignError(f"'{p}' is traced: matching runs on the host (assignment solvers, convergence loops), so "
+                             "call it outside jax.jit / vmap; jit the permuted model afterwards")
         if spec.leaves_of(p):
             x = x.dequantize() if wtree.is_atomic(x) else jnp.asarray(x)
             if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -221,6 +224,11 @@ def weight_matching(spec: Spec, params_a: Any, params_b: Any, *, key: jax.Array 
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise AlignError(f"weight_matching: max_iter must be an integer >= 1, got {max_iter!r}")
     fa, fb = flat_params(spec, params_a, "params_a"), flat_params(spec, params_b, "params_b")
+    if not spec.groups:
+        import warnings
+
+        warnings.warn("weight_matching: the spec has no permutation groups (everything is pinned; see spec.report): "
+                      "nothing to align", stacklevel=2)
     key = jax.random.key(0) if key is None else key
     wtree.check_key(key)
     start = dict(identity_perms(spec))

@@ -19,7 +19,20 @@ from ..registry import Registry
 
 jax = _lazy.module("jax")
 
-__all__ = ["METHODS", "align_method", "transform", "AlignState", "run_method", "markdown_table"]
+__all__ = ["METHODS", "align_method", "transform", "AlignState", "run_method", "markdown_table", "as_batches"]
+
+
+def as_batches(batches, what: str = "batches") -> list | None:
+    """``batches`` as a list (read once, so a generator can be reused): an array or a dict is one
+    batch (``[x]``), not a sequence of rows or keys; None stays None."""
+    if batches is None:
+        return None
+    if hasattr(batches, "shape") or isinstance(batches, dict):
+        return [batches]
+    try:
+        return list(batches)
+    except TypeError:
+        raise AlignError(f"{what} must be a list (or iterable) of input batches, got {type(batches).__name__}") from None
 
 METHODS = Registry("align", modules=("weightlab.align.matching", "weightlab.align.activation",
                                      "weightlab.align.soft"))
@@ -58,6 +71,7 @@ def run_method(name: str, spec, params_a, params_b, *, key=None, apply_fn=None, 
     """Call matcher ``name`` with the data its registry entry asks for (typed errors when missing)."""
     entry = METHODS[name]
     _check_hp(name, hp)
+    batches = as_batches(batches)
     if entry.data == "activations":
         if apply_fn is None or batches is None:
             raise MissingExtraError(f"align method {name!r} needs apply_fn= and batches= (activations on data)")
@@ -112,11 +126,12 @@ def transform(method: str = "weight_matching", spec=None, *, apply_fn: Callable 
         if reference is None:
             raise MissingExtraError("align.transform: apply needs reference= (the model to align params to)")
         s = spec
+        batches = as_batches(batches)
         if s is None:
             if apply_fn is None or not batches:
                 raise MissingExtraError("align.transform: without spec=, give apply_fn= (to the factory) and batches= "
                                         "(to apply) so the spec can be inferred")
-            s = infer_spec(apply_fn, params, list(batches)[0])
+            s = infer_spec(apply_fn, params, batches[0])
         s = _visible_spec(s, params)
         perms = run_method(method, s, reference, params, key=key, apply_fn=apply_fn, loss_fn=loss_fn,
                            batches=batches, **hp)

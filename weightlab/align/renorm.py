@@ -269,7 +269,9 @@ def _leaves(tree, what):
 
 
 def _batches(batches) -> list:
-    batches = list(batches)
+    from .registry import as_batches
+
+    batches = as_batches(batches)
     if not batches:
         raise AlignError("REPAIR needs at least one batch of inputs to measure statistics on")
     return batches

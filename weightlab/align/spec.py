@@ -222,6 +222,14 @@ def _shape_of(spec: Spec, name: str) -> tuple[int, ...]:
     return (spec.groups[g.parent].size, g.size) if g.parent else (g.size,)
 
 
+def check_is_spec(spec) -> None:
+    """A typed error for a non-spec first argument (arguments in the wrong order, a raw dict)."""
+    if not isinstance(spec, Spec):
+        raise AlignError(f"expected a Spec (from align.infer_spec or align.make_spec) as the spec argument, got "
+                         f"{type(spec).__name__}; the order is (spec, params_a, params_b) / "
+                         "check_spec(spec, apply_fn, params, batch)")
+
+
 def check_perms(spec: Spec, perms: Mapping[str, Any], *, complete: bool = False) -> None:
     """Names and shapes of ``perms`` against ``spec`` (:class:`AlignError`); ``complete``: every group
     must have one. Values are checked to be permutations when concrete."""
@@ -333,6 +341,7 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any) -> Any:
     ``perms`` stay put). QArray leaves are permuted in their packed form (codes, scales, zeros,
     tables; a grouped input axis becomes an act-order layout) without dequantizing. Works under
     ``jit``. Errors (:class:`SpecError`, :class:`AlignError`) name the leaf before any work."""
+    check_is_spec(spec)
     check_perms(spec, perms)
     pairs, treedef = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)
     shapes = {p: tuple(x.shape) if wtree.is_atomic(x) else tuple(np.shape(x)) for p, x in pairs}
@@ -349,6 +358,7 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any) -> Any:
 
 def validate_leaves(spec: Spec, shapes: Mapping[str, tuple]) -> None:
     """The params' leaves are the spec's (same paths, axis sizes)."""
+    check_is_spec(spec)
     extra = [p for p in shapes if p not in spec.axes]
     missing = [p for p in spec.axes if p not in shapes]
     if extra or missing:

@@ -32,6 +32,7 @@ from ..errors import AlignError
 from .activation import _eval
 from .infer import analyse
 from .matching import weight_matching
+from .registry import as_batches
 from .spec import Spec, permute
 
 __all__ = ["zip_models", "zip_pairs"]
@@ -106,7 +107,7 @@ def zip_models(spec: Spec, apply_fn: Callable, params_a: Any, params_b: Any, bat
     exposes, i.e. every group activation matching can read); the others are aligned by weight
     matching (``key``) and averaged. ``within``: allow merging two units of the same model.
     """
-    batches = list(batches)
+    batches = as_batches(batches)
     if not batches:
         raise AlignError("zip_models needs at least one batch")
     for p, x in wtree.flatten_with_paths(params_a, is_leaf=wtree.is_atomic)[0] + \
