@@ -35,7 +35,7 @@ _WHERE = {
     **{n: "api" for n in ("align", "align_and_merge")},
 }
 _SUBMODULES = {"spec", "infer", "check", "matching", "activation", "soft", "many", "renorm", "barrier", "registry",
-               "api", "lap", "cli", "zip"}
+               "api", "lap", "cli", "zip", "atoms"}
 
 __all__ = sorted(_WHERE)
 

@@ -36,6 +36,7 @@ from jax.extend import core as jcore
 
 from .. import tree as wtree
 from ..errors import SpecError
+from .atoms import _UF, _Conflict
 from .spec import Group, Spec, _merge_ints, validate
 
 __all__ = ["infer_spec", "analyse", "Analysis"]
@@ -49,167 +50,6 @@ _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and"
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat2"}
-
-
-class _Conflict(Exception):
-    pass
-
-
-class _UF:
-    """Union-find over atoms; an atom may be split into sub-atoms (its whole class alike)."""
-
-    def __init__(self):
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.pinned: list[bool] = []
-        self.children: list[list[int] | None] = []
-        self.origin: list[list[int]] = []  # atoms this one was split from (their pins reach it)
-        self.reasons: list[set] = []
-
-    def new(self, size: int, pinned: bool = False, reason: str | None = None) -> int:
-        i = len(self.parent)
-        self.parent.append(i)
-        self.size.append(int(size))
-        self.pinned.append(pinned)
-        self.children.append(None)
-        self.origin.append([])
-        self.reasons.append({reason} if reason else set())
-        return i
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def expand(self, atoms) -> list[int]:
-        out = []
-        stack = list(reversed(list(atoms)))
-        while stack:
-            r = self.find(stack.pop())
-            if self.children[r] is not None:
-                stack.extend(reversed(self.children[r]))
-            elif self.size[r] > 1:
-                out.append(r)
-        return out
-
-    def split(self, a: int, sizes) -> list[int]:
-        r = self.find(a)
-        assert self.children[r] is None
-        kids = [self.new(s) for s in sizes]
-        for k in kids:
-            self.origin[k].append(r)
-        self.children[r] = kids
-        return kids
-
-    def pin(self, atoms, reason: str) -> None:
-        for a in self.expand(atoms):
-            self.pinned[a] = True
-            self.reasons[a].add(reason)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] != self.size[rb]:
-            raise _Conflict()
-        self.parent[rb] = ra
-        self.pinned[ra] = self.pinned[ra] or self.pinned[rb]
-        self.reasons[ra] |= self.reasons[rb]
-        self.origin[ra] += self.origin[rb]
-        ca, cb = self.children[ra], self.children[rb]
-        if ca is None:
-            self.children[ra] = cb
-        elif cb is not None:
-            self.unify(ca, cb)
-
-    def unify(self, la, lb) -> None:
-        """Tie two axes (atom lists of the same total size), splitting atoms to a common refinement."""
-        A, B = collections.deque(self.expand(la)), collections.deque(self.expand(lb))
-        while A and B:
-            a, b = self._head(A), self._head(B)
-            if a is None or b is None:
-                break
-            sa, sb = self.size[a], self.size[b]
-            if sa == sb:
-                self.union(a, b)
-            elif sa > sb:
-                if sa % sb:
-                    raise _Conflict()
-                hi, lo = self.split(a, [sb, sa // sb])
-                self.union(hi, b)
-                A.appendleft(lo)
-            else:
-                if sb % sa:
-                    raise _Conflict()
-                hi, lo = self.split(b, [sa, sb // sa])
-                self.union(a, hi)
-                B.appendleft(lo)
-        if self._rest(A) or self._rest(B):
-            raise _Conflict()
-
-    def _head(self, q):
-        while q:
-            r = self.find(q.popleft())
-            if self.children[r] is not None:
-                q.extendleft(reversed(self.children[r]))
-                continue
-            if self.size[r] > 1:
-                return r
-        return None
-
-    def _rest(self, q) -> bool:
-        return bool(self.expand(q))
-
-    def regroup(self, atoms, sizes) -> list[list[int]]:
-        """Row-major reshape: the atoms of the input axes regrouped into axes of ``sizes``."""
-        q = collections.deque(self.expand(atoms))
-        out = []
-        for s in sizes:
-            cur, rem = [], int(s)
-            while rem > 1:
-                a = self._head(q)
-                if a is None:
-                    raise _Conflict()
-                sa = self.size[a]
-                if sa <= rem:
-                    if rem % sa:
-                        raise _Conflict()
-                    cur.append(a)
-                    rem //= sa
-                else:
-                    if sa % rem:
-                        raise _Conflict()
-                    hi, lo = self.split(a, [rem, sa // rem])
-                    cur.append(hi)
-                    q.appendleft(lo)
-                    rem = 1
-            out.append(cur)
-        if self._head(q) is not None:
-            raise _Conflict()
-        return out
-
-    def is_pinned(self, a: int) -> bool:
-        seen, stack = set(), [a]
-        while stack:
-            r = self.find(stack.pop())
-            if r in seen:
-                continue
-            seen.add(r)
-            if self.pinned[r]:
-                return True
-            stack.extend(self.origin[r])
-        return False
-
-    def why(self, a: int) -> set:
-        seen, stack, out = set(), [a], set()
-        while stack:
-            r = self.find(stack.pop())
-            if r not in seen:
-                seen.add(r)
-                out |= self.reasons[r]
-                stack.extend(self.origin[r])
-        return out
 
 
 def _sub_jaxpr(eqn):
@@ -369,34 +209,15 @@ class _Tracer:
                 whole = [tuple(c) == (0, 0, 0) for c in p["padding_config"]]
             else:
                 whole = [s == in_shape[i] for i, s in enumerate(p["slice_sizes"])]
-            out = []
-            for i, s in enumerate(shape):
-                if whole[i]:
-                    out.append(x[i])
-                else:
-                    uf.pin(x[i], name)
-                    out.append([uf.new(s, True, name)] if s > 1 else [])
-            return [out]
+            return [self._keep_or_pin(x, shape, whole, name)]
         if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "cumsum_window"):
-            x, shape = ins[0], shapes[0]  # pooling: channels (window 1, stride 1, no padding) pass through
-            out = []
-            for i, s_ in enumerate(shape):
-                plain = (p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
-                         and tuple(p["padding"][i]) == (0, 0) and p.get("base_dilation", (1,) * len(shape))[i] == 1)
-                if plain:
-                    out.append(x[i])
-                else:
-                    uf.pin(x[i], name)
-                    out.append([uf.new(s_, True, name)] if s_ > 1 else [])
-            return [out]
+            shape = shapes[0]  # pooling: channels (window 1, stride 1, no padding) pass through
+            whole = [p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1 and tuple(p["padding"][i]) == (0, 0)
+                     and p.get("base_dilation", (1,) * len(shape))[i] == 1 for i in range(len(shape))]
+            return [self._keep_or_pin(ins[0], shape, whole, name)]
         if name == "concatenate":
             d, shape = p["dimension"], shapes[0]
-            out = [list(a) for a in ins[0]]
-            for x in ins:
-                uf.pin(x[d], name)
-                for i in range(len(shape)):
-                    if i != d:
-                        uf.unify(out[i], x[i])
+            out = self._tie_except(ins, d, name)
             out[d] = [uf.new(shape[d], True, name)] if shape[d] > 1 else []
             return [out]
         if name == "split":
@@ -409,15 +230,31 @@ class _Tracer:
         if name == "conv_general_dilated":
             return [self.conv(eqn, ins, shapes[0])]
         if name == "sort":
-            d = p["dimension"]
-            out = [list(a) for a in ins[0]]
-            for x in ins:
-                uf.pin(x[d], name)
-                for i in range(len(out)):
-                    if i != d:
-                        uf.unify(out[i], x[i])
+            out = self._tie_except(ins, p["dimension"], name)
             return [out for _ in shapes]
         return None
+
+    def _tie_except(self, ins, d: int, name: str) -> list:
+        """Axes of operands laid side by side along ``d`` (concatenate, sort): every other axis tied
+        across them, axis ``d`` pinned (the output axis ``d`` is left as the first operand's)."""
+        out = [list(a) for a in ins[0]]
+        for x in ins:
+            self.uf.pin(x[d], name)
+            for i in range(len(out)):
+                if i != d:
+                    self.uf.unify(out[i], x[i])
+        return out
+
+    def _keep_or_pin(self, x, shape, whole, name: str) -> list:
+        """Axes kept whole pass through (slice, pad, pooling windows of 1); the others are pinned."""
+        out = []
+        for i, n in enumerate(shape):
+            if whole[i]:
+                out.append(x[i])
+            else:
+                self.uf.pin(x[i], name)
+                out.append([self.uf.new(n, True, name)] if n > 1 else [])
+        return out
 
     def gather(self, eqn, ins, shape):
         uf, p = self.uf, eqn.params
