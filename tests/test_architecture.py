@@ -52,7 +52,7 @@ def test_the_ground_imports_nothing_above_it(name):
 def test_kernels_take_plain_arrays_and_pillars_never_import_lab():
     for f in (ROOT / "kernels").glob("*.py"):
         assert not imported_modules(f) & {"quant", "merge"}, f
-    for pillar in ("quant", "merge", "align", "io", "models", "data"):
+    for pillar in ("quant", "merge", "align", "lopt", "io", "models", "data"):
         for f in (PKG / pillar).glob("*.py"):
             assert "lab" not in imported_modules(f), f
     for f in (PKG / "io").glob("*.py"):  # the QArray metadata key belongs to quant
@@ -84,7 +84,12 @@ def test_everything_listed_comes_from_the_registries():
     for name in align.METHODS:
         assert getattr(align, name) is align.METHODS[name].fn
         assert isinstance(align.transform(name), wl.WeightTransform)
-    for name in list(merge.METHODS) + list(quant.METHODS) + list(align.METHODS):
+    from weightlab import lopt
+
+    for name in lopt.METHODS:
+        assert getattr(lopt, name) is lopt.METHODS[name].fn, name
+    assert isinstance(lopt.transform("small_fc"), wl.WeightTransform)
+    for name in list(merge.METHODS) + list(quant.METHODS) + list(align.METHODS) + list(lopt.METHODS):
         assert f"  {name} " in r.stdout or f"  {name}" in r.stdout.replace("\n", " \n"), name
     from weightlab.cli import build_parser
     from weightlab.merge.config import yaml_methods

@@ -190,7 +190,7 @@ def cmd_demo(args) -> int:
 def cmd_methods(args) -> int:
     """Every registered method of every pillar, from the registries."""
     pillars = {"merge": "weightlab.merge.registry", "quant": "weightlab.quant.registry",
-               "align": "weightlab.align.registry"}
+               "align": "weightlab.align.registry", "lopt": "weightlab.lopt.registry"}
     import importlib
 
     for pillar, mod in pillars.items():
@@ -228,9 +228,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     from .align import cli as align_cli
 
     align_cli.add_parser(sub, full=argv is None or argv[:1] == ["align"])
-    ms = sub.add_parser("methods", help="list every registered method (quantization, merging, alignment)",
+    from .lopt import cli as lopt_cli
+
+    lopt_cli.add_parser(sub)
+    ms = sub.add_parser("methods", help="list every registered method (quantization, merging, alignment, "
+                                        "optimizers)",
                         description="The methods each pillar's registry knows, with a one-line summary.")
-    ms.add_argument("--pillar", choices=["merge", "quant", "align"], default=None)
+    ms.add_argument("--pillar", choices=["merge", "quant", "align", "lopt"], default=None)
     ms.set_defaults(fn=cmd_methods)
     d = sub.add_parser("demo", help="train two MNIST-1D models and show every pillar on them",
                        description="The main job: trains two MLPs on MNIST-1D from different seeds and shows "

@@ -126,3 +126,8 @@ class SymmetryError(SpecError):
 
 class AlignError(WeightlabError, ValueError):
     """Bad input to an alignment method (models of different structure, bad permutations, options)."""
+
+
+class LoptError(WeightlabError, ValueError):
+    """Bad input to a learned optimizer or to meta-training (meta-weights of another architecture or
+    version, a task family option, non-finite gradients under ``nonfinite="error"``)."""

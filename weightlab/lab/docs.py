@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["BLOCKS", "generated", "sync", "FILES"]
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = ("README.md", "docs/merging.md", "docs/quantization.md", "docs/alignment.md")
+FILES = ("README.md", "docs/merging.md", "docs/quantization.md", "docs/alignment.md", "docs/learned_optimizers.md")
 
 
 def _quant() -> str:
@@ -34,7 +34,13 @@ def _align() -> str:
     return markdown_table()
 
 
-BLOCKS = {"quant": _quant, "merge": _merge, "align": _align}
+def _lopt() -> str:
+    from ..lopt.registry import markdown_table
+
+    return markdown_table()
+
+
+BLOCKS = {"quant": _quant, "merge": _merge, "align": _align, "lopt": _lopt}
 
 
 def generated(name: str) -> str:
