@@ -247,7 +247,7 @@ def lopt_update(g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr
     (elements, F) tile would need lane relayouts on TPU; elementwise FMAs lower on both unchanged.
 
     Blocking (:func:`kernel_blocks`): power-of-two blocks that are multiples of (8, 128) -- (16, 128)
-    for 16-bit inputs -- or equal to the whole padded axis for tiny tensors ((1, 1), (1, C) vectors);
+    for 16-bit inputs on TPU -- or equal to the whole padded axis for tiny tensors ((1, 1), (1, C) vectors);
     defaults about 8x512 elements on TPU, 8x128 on GPU. R and C are zero-padded up to whole blocks
     (padded elements stay finite: the EPS guards) and the result sliced back.
 
@@ -268,7 +268,7 @@ def lopt_update(g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr
     f32 = jnp.float32
     narrow = any(jnp.dtype(a.dtype).itemsize < 4 for a in (g, p, mom, v))
     br, bc, rp, cp = kernel_blocks(r, c, plat, block_rows=block_rows, block_cols=block_cols,
-                                   row_unit=16 if narrow else 8)
+                                   row_unit=16 if narrow and plat == "tpu" else 8)
     sc = jnp.asarray(scales, f32)
     inv_mean = 1.0 / jnp.maximum(jnp.mean(jnp.asarray(row, f32)), EPS)
     off, n_prm = _param_layout(f, h)
@@ -278,7 +278,7 @@ def lopt_update(g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr
         (sc[:, None] * jnp.asarray(w1, f32)).ravel(), jnp.asarray(b1, f32).ravel(), jnp.asarray(w2, f32).ravel(),
         jnp.asarray(b2, f32).ravel(), jnp.asarray(w3, f32).ravel(), jnp.asarray(b3, f32).ravel(),
         (sc[:, None] * jnp.asarray(skip, f32)).ravel(),
-        jnp.stack([-jnp.asarray(lr, f32), jnp.asarray(exp_mult, f32), inv_mean])])
+        jnp.stack([-jnp.reshape(jnp.asarray(lr, f32), ()), jnp.reshape(jnp.asarray(exp_mult, f32), ()), inv_mean])])
     prm = jnp.pad(prm, (0, n_prm - prm.shape[0]))
 
     def pad(a, rows=True, cols=True):
@@ -314,11 +314,30 @@ def lopt_update(g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr
     return out if (rp, cp) == (r, c) else out[:r, :c]
 
 
+def _with_reference_vjp(fn):
+    """``fn`` (the kernel) forward, the reference's VJP backward: ``pallas_call`` has no reverse-mode
+    rule, and meta-training differentiates through the update (w.r.t. the MLP weights, ``lr``, ...)."""
+    @jax.custom_vjp
+    def f(*a):
+        return fn(*a)
+
+    def fwd(*a):
+        return fn(*a), a
+
+    def bwd(a, ct):
+        return jax.vjp(lopt_update_reference, *a)[1](ct)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def lopt_update_auto(g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr, exp_mult, *,
                      platform: str | None = None, **kernel_options):
     """The kernel (compiled) where :func:`kernel_worthwhile` says so -- GPU/TPU and at least
-    ``KERNEL_MIN_ELEMENTS`` elements -- else :func:`lopt_update_reference` (always on CPU)."""
+    ``KERNEL_MIN_ELEMENTS`` elements -- else :func:`lopt_update_reference` (always on CPU). Either
+    way differentiable: the kernel path takes its gradients from the reference (recomputed)."""
     a = (g, p, mom, v, row, col, scales, w1, b1, w2, b2, w3, b3, skip, lr, exp_mult)
     if kernel_worthwhile(g.shape, platform):
-        return lopt_update(*a, interpret=False, platform=platform, **kernel_options)
+        run = functools.partial(lopt_update, interpret=False, platform=platform, **kernel_options)
+        return _with_reference_vjp(run)(*a)
     return lopt_update_reference(*a)
