@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="200 steps, 2 seeds, two tasks (a smoke test)")
     ap.add_argument("--out", default=None, help="prefix for <out>.json and <out>.png")
+    ap.add_argument("--tasks", default=None, help="comma-separated indices into the task list (default: all)")
     a = ap.parse_args()
     steps_list = [200] if a.quick else [int(s) for s in a.steps.split(",")]
     seeds = 2 if a.quick else a.seeds
@@ -46,6 +47,8 @@ def main():
             ("sequence transformer", tasks.sequence_task(), None)]
     if a.quick:
         todo = todo[:2]
+    elif a.tasks:
+        todo = [todo[int(i)] for i in a.tasks.split(",")]
     rows, curves = [], {}
     for label, task, mup_of in todo:
         for steps in steps_list:

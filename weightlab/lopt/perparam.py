@@ -176,8 +176,24 @@ def _pick_kernel(use_kernel):
     raise UsageError(f"use_kernel must be 'auto', True or False, got {use_kernel!r}")
 
 
+def _warn_wide(params, max_fan_in, name):
+    if max_fan_in is None:
+        return
+    import warnings
+
+    for path, x in wtree.flatten_with_paths(params)[0]:
+        f = _fan_in(np.shape(x))
+        if f > 1.5 * max_fan_in:
+            warnings.warn(f"{name}: '{path}' has fan-in {f}, but these meta-weights were trained on nets with fan-in "
+                          f"<= {max_fan_in}; without mup_base= (μLO scaling) such steps are too large and training "
+                          "can diverge. Pass mup_base=<the params of the same model at a trained width>.",
+                          stacklevel=3)
+            return
+
+
 def build(meta: dict, *, learning_rate, exp_mult: float, mup_base, factored: bool, state_dtype, nonfinite: str,
-          use_kernel, name: str, tensor_init: Callable | None = None, tensor_step: Callable | None = None):
+          use_kernel, name: str, tensor_init: Callable | None = None, tensor_step: Callable | None = None,
+          max_fan_in: int | None = None):
     """The optax transform shared by :func:`small_fc` and the hierarchical optimizer. ``tensor_step``
     (optional) maps ``(extra_state, stats, count, loss) -> (extra_state, b1_delta tree, log_lr tree)``
     to modulate each tensor's first-layer bias and step size."""
@@ -198,6 +214,8 @@ def build(meta: dict, *, learning_rate, exp_mult: float, mup_base, factored: boo
         pick = lambda i: jax.tree.map(lambda p, t: t[i], params, parts)
         extra = tensor_init(params) if tensor_init else ()
         mup_multipliers(params, mup_base)  # validate now
+        if mup_base is None:
+            _warn_wide(params, max_fan_in, name)
         return SmallFCState(jnp.zeros([], jnp.int32), pick(0), pick(1), pick(2), pick(3), extra,
                             jnp.zeros([], jnp.int32))
 
@@ -254,7 +272,8 @@ def _meta_or_default(meta_params, hidden_size, name):
 @lopt_method("small_fc", kind="learned", paper="Metz et al. 2022, arXiv 2203.11860")
 def small_fc(meta_params: dict | None = None, *, hidden_size: int | None = None, learning_rate=1e-3,
              exp_mult: float = 1.0, mup_base=None, factored: bool = False, state_dtype=None,
-             nonfinite: str = "skip", use_kernel="auto") -> optax.GradientTransformationExtraArgs:
+             nonfinite: str = "skip", use_kernel="auto", max_fan_in: int | None = None
+             ) -> optax.GradientTransformationExtraArgs:
     """Per-parameter MLP learned optimizer (small_fc-style) as an optax transform.
 
     ``meta_params``: the MLP's weights (:func:`init_meta`, :func:`~weightlab.lopt.pretrained`, or
@@ -263,11 +282,14 @@ def small_fc(meta_params: dict | None = None, *, hidden_size: int | None = None,
     model for μLO scaling. ``factored``: keep only Adafactor factors for matrices (no full second
     moment); ``state_dtype``: e.g. ``jnp.bfloat16`` momenta. ``nonfinite``: ``"skip"`` (zero update,
     state unchanged, ``state.skipped`` counts; jit-safe), ``"error"`` (eager only: LoptError naming
-    the tensor) or ``"propagate"``. The update needs ``params``; ``loss=`` is accepted and ignored.
+    the tensor) or ``"propagate"``. ``max_fan_in``: the widest fan-in seen in meta-training (set by
+    :func:`~weightlab.lopt.pretrained`); ``init`` warns, naming the leaf, when a matrix is much wider
+    and no ``mup_base`` is given. The update needs ``params``; ``loss=`` is accepted and ignored.
     """
     meta = _meta_or_default(meta_params, hidden_size, "small_fc")
     return build(meta, learning_rate=learning_rate, exp_mult=exp_mult, mup_base=mup_base, factored=factored,
-                 state_dtype=state_dtype, nonfinite=nonfinite, use_kernel=use_kernel, name="small_fc")
+                 state_dtype=state_dtype, nonfinite=nonfinite, use_kernel=use_kernel, name="small_fc",
+                 max_fan_in=max_fan_in)
 
 
 @lopt_method("mulo", kind="learned", paper="Thérien et al. 2024, arXiv 2406.00153")

@@ -103,4 +103,7 @@ def pretrained(name: str = "small_fc_mnist1d", **overrides) -> Any:
         raise LoptError(f"no shipped meta-weights {name!r}{f' (did you mean {close}?)' if close else ''}; "
                         f"shipped: {names}")
     meta, meta_info = load_meta(path)
-    return optimizer(meta_info["lopt"], meta, **{**meta_info.get("hp", {}), **overrides})
+    hp = dict(meta_info.get("hp", {}))
+    if "max_fan_in" in meta_info.get("recipe", {}) and meta_info["lopt"] == "small_fc":
+        hp["max_fan_in"] = int(meta_info["recipe"]["max_fan_in"])
+    return optimizer(meta_info["lopt"], meta, **{**hp, **overrides})
