@@ -117,6 +117,11 @@ def test_mup_multipliers_follow_mup_for_adam():
     u1, _ = lopt.mulo(mup_base=base).update(g, lopt.mulo(mup_base=base).init(wide), wide)
     np.testing.assert_allclose(u1["hid"], 0.25 * u0["hid"], rtol=1e-6)
     np.testing.assert_allclose(u1["in"], u0["in"], rtol=1e-6)
+    # inside optax.multi_transform the other group's leaves are MaskedNodes: mup_base is masked alike
+    mt = optax.multi_transform({"lo": lopt.mulo(mup_base=base), "sgd": optax.sgd(0.1)},
+                               {"in": "lo", "hid": "lo", "out": "lo", "b": "sgd"})
+    u2, _ = mt.update(g, mt.init(wide), wide)
+    np.testing.assert_allclose(u2["hid"], u1["hid"], rtol=1e-6)
 
 
 def test_hyper_starts_as_small_fc_and_carries_its_lstm_state():

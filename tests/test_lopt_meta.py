@@ -131,6 +131,9 @@ def test_interrupted_meta_training_resumes_bit_identically(tmp_path):
     assert res.resumed_from == 4
     jax.tree.map(np.testing.assert_array_equal, res.meta_params, full.meta_params)
     np.testing.assert_array_equal(res.history["meta_loss"], full.history["meta_loss"])
+    longer = meta.train(lo, task, est, meta_steps=7, key=jax.random.key(3), checkpoint=tmp_path / "ck",
+                        checkpoint_every=2)  # extending a finished run resumes it too
+    assert longer.resumed_from == 6 and np.isfinite(longer.history["meta_loss"]).all()
 
 
 def test_tbptt_meta_training_makes_a_weak_optimizer_train():

@@ -72,8 +72,8 @@ def held_out(family_name: str):
 
 
 def evaluation(opt, family_name: str, *, steps: int, seeds: int, key):
-    """Rows: the learned optimizer, Adam at its tuned learning rate (a sweep of 7 values per task, on
-    the training loss), Adam at 1e-3, on :func:`held_out` tasks."""
+    """Rows: the learned optimizer, Adam at its tuned learning rate (a sweep of 7 values per task, by
+    the final loss on the meta-validation split), Adam at 1e-3, on :func:`held_out` tasks."""
     import jax
     import optax
 
@@ -81,7 +81,8 @@ def evaluation(opt, family_name: str, *, steps: int, seeds: int, key):
 
     rows = []
     for task in held_out(family_name):
-        best, _ = meta.tune_lr(optax.adam, task, _ADAM_LRS, steps=steps, key=jax.random.fold_in(key, 99))
+        best, _ = meta.tune_lr(optax.adam, task, _ADAM_LRS, steps=steps, key=jax.random.fold_in(key, 99),
+                               on="valid" if task.valid_batch is not None else "train")
         opts = {"learned": opt, f"adam (tuned lr={best:g})": optax.adam(best), "adam (lr=1e-3)": optax.adam(1e-3)}
         rows += meta.compare(opts, [task], steps=steps, seeds=seeds, key=key)
     return rows
@@ -114,10 +115,11 @@ def run_meta_train(args) -> int:
                      checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     recipe = {"command": "weightlab lopt meta-train", "tasks": args.tasks, "reparam": args.reparam,
               "estimator": dict(est.config, name=est.name), "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
-              "seed": args.seed, "cpu_hours_this_call": round((time.process_time() - c0) / 3600, 4),
+              "seed": args.seed, "cpu_hours": round((time.process_time() - c0) / 3600, 4),
               "resumed_from": res.resumed_from, "skipped_meta_steps": res.skipped,
               "final_meta_loss": float(res.history["meta_loss"][-1])}
-    save_meta(out, res.meta_params, lopt=args.lopt, hp={"hidden_size": args.hidden}, recipe=recipe,
+    hp = {"hidden_size": args.hidden} if args.lopt == "small_fc" else {"network": "lstm"}
+    save_meta(out, res.meta_params, lopt=args.lopt, hp=hp, recipe=recipe,
               overwrite=args.overwrite)
     print(f"wrote {out} ({args.meta_steps} meta-steps, {res.skipped} skipped, "
           f"{time.perf_counter() - t0:.0f} s; checkpoints in {ckpt})")

@@ -156,7 +156,14 @@ def tbptt(num_particles: int = 8, trunc_length: int = 50, horizon: int = 400, lo
         runs, _ = reset_unrolls(theta, task, make_opt, state["runs"], horizon, jax.random.wrap_key_data(state["key"]))
         f = lambda th, u: truncation(th, task, make_opt, u, trunc_length, loss_cap, objective)
         (losses, new), grads = jax.vmap(jax.value_and_grad(f, has_aux=True), in_axes=(None, 0))(theta, runs)
-        return jax.tree.map(lambda g: jnp.mean(g, 0), grads), jnp.mean(losses), dict(state, runs=new)
+        # a diverged run (NaN params until its restart) must not void every meta-step: average the
+        # finite particles only (all non-finite -> a non-finite estimate, which meta.train skips)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+                                for g in jax.tree.leaves(grads)]), axis=0)
+        n_ok = jnp.sum(ok)
+        mean_ok = lambda g: jnp.where(n_ok > 0, jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), 0)
+                                      / jnp.maximum(n_ok, 1), jnp.nan)
+        return jax.tree.map(mean_ok, grads), jnp.mean(losses), dict(state, runs=new)
 
     return Estimator("tbptt", init, grad, dict(num_particles=num_particles, trunc_length=trunc_length,
                                                horizon=horizon, loss_cap=loss_cap, stagger=stagger,

@@ -159,12 +159,17 @@ def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: in
             resumed = mgr.latest_step()
             saved = {p.split("/")[1] for p in mgr.layout(resumed)["paths"] if p.startswith("states/")}
             like_states = {i: jax.eval_shape(lambda th, i=int(i): init_state(i, th), theta) for i in sorted(saved)}
-            like = {"theta": theta, "mstate": mstate, "states": like_states, "history": hist}
+            lay = mgr.layout(resumed)
+            saved_len = dict(zip(lay["paths"], lay["shapes"]))["history/meta_loss"][0]
+            like_hist = {k: np.zeros(saved_len, v.dtype) for k, v in hist.items()}
+            like = {"theta": theta, "mstate": mstate, "states": like_states, "history": like_hist}
             if resumed > meta_steps:
                 raise LoptError(f"meta.train: the checkpoint is at step {resumed}, past meta_steps={meta_steps}")
             got = mgr.restore(resumed, like=like)
             theta, mstate, states = got["theta"], got["mstate"], dict(got["states"])
-            hist = {k: np.asarray(v) for k, v in got["history"].items()}
+            for k, v in got["history"].items():  # a run extended (or shortened) to a new meta_steps
+                n = min(len(v), meta_steps)
+                hist[k][:n] = np.asarray(v)[:n]
             start = resumed
         steps = [_meta_step_fn(estimator, t, lopt.make, mopt) for t in task_list]
         bar = None

@@ -108,8 +108,9 @@ def mup_multipliers(params, mup_base) -> Any:
     mirrors ``params`` (arrays or ``ShapeDtypeStruct``s of the base-width model)."""
     if mup_base is None:
         return jax.tree.map(lambda _: 1.0, params)
-    pb, _ = wtree.flatten_with_paths(mup_base)
     pp, tdef = wtree.flatten_with_paths(params)
+    visible = {p for p, _ in pp}  # under optax.multi_transform / masked the other leaves are MaskedNodes
+    pb = [(p, b) for p, b in wtree.flatten_with_paths(mup_base)[0] if p in visible]
     if [p for p, _ in pb] != [p for p, _ in pp]:
         only_p = sorted(set(p for p, _ in pp) - set(p for p, _ in pb))
         only_b = sorted(set(p for p, _ in pb) - set(p for p, _ in pp))

@@ -27,7 +27,11 @@ _DIR = Path(__file__).parent / "pretrained"
 def _arch_of(lopt: str) -> str:
     from .perparam import ARCH
 
-    return ARCH if lopt in ("small_fc", "mulo", "hyper") else f"{lopt}/unknown"
+    if lopt == "hyper":
+        from .hierarchical import N_TENSOR_FEATURES
+
+        return f"{ARCH}+hyper/v1/{N_TENSOR_FEATURES}"
+    return ARCH if lopt in ("small_fc", "mulo") else f"{lopt}/unknown"
 
 
 def save_meta(path, meta_params: dict, *, lopt: str, hp: dict | None = None, recipe: dict | None = None,
