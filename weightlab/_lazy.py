@@ -12,7 +12,7 @@ import functools
 import importlib
 from typing import Any, Callable
 
-__all__ = ["module", "jit"]
+__all__ = ["module", "jit", "namespace"]
 
 
 class _Module:
@@ -56,3 +56,29 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
         return compiled(*args, **kwargs)
 
     return call
+
+
+def namespace(package: str, namespace_globals: dict, where: dict[str, str], submodules=(),
+              factories: tuple[set, Callable[[str], Any]] | None = None):
+    """``(__getattr__, __dir__)`` for a pillar package whose public names load on first use (PEP 562):
+    ``where`` maps a name to the submodule defining it, ``submodules`` are returned as modules, and
+    ``factories`` (names, make) builds the remaining names (e.g. quantizer factories from a registry).
+    Loaded names are cached in the package's globals."""
+    extra_names, make = factories if factories else (set(), None)
+
+    def __getattr__(name):
+        if name in where:
+            obj = getattr(importlib.import_module(f".{where[name]}", package), name)
+        elif name in extra_names:
+            obj = make(name)
+        elif name in submodules:
+            return importlib.import_module(f".{name}", package)
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        namespace_globals[name] = obj
+        return obj
+
+    def __dir__():
+        return sorted(set(namespace_globals) | set(where) | set(extra_names))
+
+    return __getattr__, __dir__

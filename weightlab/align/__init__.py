@@ -17,7 +17,7 @@ merging within and across models), :func:`repair` (REPAIR),
 :func:`interpolate` / :func:`loss_barrier`, :func:`align_and_merge`, the LAP solvers (:mod:`.lap`).
 """
 
-import importlib as _importlib
+from .. import _lazy
 
 _WHERE = {
     **{n: "spec" for n in ("Group", "Spec", "make_spec", "permute", "random_perms", "identity_perms", "invert",
@@ -40,16 +40,4 @@ _SUBMODULES = {"spec", "infer", "check", "matching", "activation", "soft", "many
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        obj = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        return _importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'weightlab.align' has no attribute {name!r}")
-    globals()[name] = obj
-    return obj
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = _lazy.namespace(__name__, globals(), _WHERE, _SUBMODULES)

@@ -15,7 +15,7 @@ name and :func:`transform` makes it a :class:`~weightlab.WeightTransform`. :mod:
 :func:`pretrained` loads the meta-weights shipped in the package (:mod:`.shipped`).
 """
 
-import importlib as _importlib
+from .. import _lazy
 
 _WHERE = {
     **{n: "perparam" for n in ("small_fc", "mulo", "init_meta", "SmallFCState", "mup_multipliers")},
@@ -30,16 +30,4 @@ _SUBMODULES = {"registry", "perparam", "hierarchical", "variants", "shipped", "m
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        obj = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        return _importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'weightlab.lopt' has no attribute {name!r}")
-    globals()[name] = obj
-    return obj
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE) | _SUBMODULES)
+__getattr__, __dir__ = _lazy.namespace(__name__, globals(), _WHERE, _SUBMODULES)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib as _importlib
 
+from .. import _lazy
+
 _WHERE = {
     **{n: "qarray" for n in ("QArray", "is_qarray")},
     **{n: "formats" for n in ("Format", "FORMATS", "DEFAULTS", "DEFAULT_SELECT", "get_format")},
@@ -48,20 +50,6 @@ _SUBMODULES = {"formats", "defaults", "grid", "qarray", "packing", "registry", "
 __all__ = sorted(set(_WHERE) | set(_METHOD_FACTORIES))
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        obj = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    elif name in _METHOD_FACTORIES:
-        from .registry import factory
-
-        obj = factory(name)
-    elif name in _SUBMODULES:
-        return _importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'weightlab.quant' has no attribute {name!r}")
-    globals()[name] = obj
-    return obj
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.namespace(
+    __name__, globals(), _WHERE, _SUBMODULES,
+    factories=(set(_METHOD_FACTORIES), lambda name: _importlib.import_module(".registry", __name__).factory(name)))
