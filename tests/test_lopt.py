@@ -145,6 +145,8 @@ def test_hyper_starts_as_small_fc_and_carries_its_lstm_state():
     assert not np.allclose(a["conv"], b["conv"])
     with pytest.raises(MissingExtraError, match="loss="):
         lopt.hyper(use_loss=True).update(_grads(params, 0), lopt.hyper(use_loss=True).init(params), params)
+    assert lopt.METHODS["hyper"].needs_loss == "use_loss=True"  # the registry (and docs table) say when
+    assert "with `use_loss=True`" in lopt.registry.markdown_table()
     mlp = lopt.hyper(network="mlp")
     mlp.update(_grads(params, 0), mlp.init(params), params, loss=1.0)
     with pytest.raises(LoptError, match="network"):

@@ -163,6 +163,9 @@ def test_task_families_build_train_and_evaluate():
     b0, b1 = t0.batch(k, 0), t1.batch(k, 0)
     np.testing.assert_allclose(t0.loss(t0.init(k), b0), t1.loss(t1.init(k), b1), rtol=1e-5)
     assert not np.allclose(t0.init(k)["layer_0"]["kernel"], t1.init(k)["layer_0"]["kernel"])
+    # a config's Task is one object across Family instances: meta-steps keyed on it compile once
+    assert tasks.family("digits_mlp").task(3) is tasks.family("digits_mlp").task(3)
+    assert tasks.family("digits_mlp").task(3) is not tasks.family("digits_mlp").task(2)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import UsageError
+from .tasks import role
 
 __all__ = ["Estimator", "Unroll", "tbptt", "es", "pes", "truncation", "reset_unrolls"]
 
@@ -125,7 +126,7 @@ def truncation(theta, task, make_opt, u: Unroll, length: int, loss_cap: float = 
 
 
 def _init_population(theta, task, make_opt, key, n, trunc_length, horizon, stagger=True):
-    keys = jax.random.split(key, n)
+    keys = jax.random.split(role(key, "runs"), n)
     n_trunc = horizon // trunc_length
     offsets = -(jnp.arange(n) % n_trunc) * trunc_length * int(stagger)  # staggered restarts
     return jax.vmap(lambda k, s: _fresh(theta, task, make_opt, k, s, 0))(keys, offsets)
@@ -150,7 +151,7 @@ def tbptt(num_particles: int = 8, trunc_length: int = 50, horizon: int = 400, lo
     def init(theta, task, make_opt, key):
         _check_objective(objective, task)
         return {"runs": _init_population(theta, task, make_opt, key, num_particles, trunc_length, horizon, stagger),
-                "key": jax.random.key_data(jax.random.fold_in(key, 1))}
+                "key": jax.random.key_data(role(key, "restarts"))}
 
     def grad(theta, state, task, make_opt, key):
         runs, _ = reset_unrolls(theta, task, make_opt, state["runs"], horizon, jax.random.wrap_key_data(state["key"]))
@@ -177,7 +178,7 @@ def _antithetic(name, num_particles, trunc_length, horizon, sigma, loss_cap, per
     def init(theta, task, make_opt, key):
         _check_objective(objective, task)
         runs = _init_population(theta, task, make_opt, key, num_particles, trunc_length, horizon, stagger)
-        st = {"pos": runs, "neg": runs, "key": jax.random.key_data(jax.random.fold_in(key, 1))}
+        st = {"pos": runs, "neg": runs, "key": jax.random.key_data(role(key, "restarts"))}
         if persistent:
             st["xi"] = jax.tree.map(lambda x: jnp.zeros((num_particles,) + x.shape, jnp.float32), theta)
         return st
@@ -186,7 +187,7 @@ def _antithetic(name, num_particles, trunc_length, horizon, sigma, loss_cap, per
         base = jax.random.wrap_key_data(state["key"])
         pos, done = reset_unrolls(theta, task, make_opt, state["pos"], horizon, base)
         neg, _ = reset_unrolls(theta, task, make_opt, state["neg"], horizon, base)  # same keys: a pair restarts alike
-        eps = jax.vmap(lambda k: _noise(theta, k, sigma))(jax.random.split(key, num_particles))
+        eps = jax.vmap(lambda k: _noise(theta, k, sigma))(jax.random.split(role(key, "noise"), num_particles))
         run = lambda th, u: truncation(th, task, make_opt, u, trunc_length, loss_cap, objective)
         cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
         thetas = cat(jax.vmap(lambda e: _add(theta, e))(eps), jax.vmap(lambda e: _add(theta, e, -1.0))(eps))

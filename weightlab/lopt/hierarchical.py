@@ -86,7 +86,8 @@ def _tensor_features(g, p, m9, loss_feats, time_feats):
     return jnp.concatenate([own, loss_feats, time_feats])
 
 
-@lopt_method("hyper", kind="learned", paper="Metz et al. 2022 (VeLO), arXiv 2211.09760")
+@lopt_method("hyper", kind="learned", paper="Metz et al. 2022 (VeLO), arXiv 2211.09760",
+             needs_loss="use_loss=True")
 def hyper(meta_params: dict | None = None, *, network: str = "lstm", num_steps: int | None = None,
           use_loss="optional", learning_rate=1e-3, exp_mult: float = 1.0, mup_base=None, factored: bool = False,
           state_dtype=None, nonfinite: str = "skip", use_kernel="auto") -> optax.GradientTransformationExtraArgs:

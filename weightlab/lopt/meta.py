@@ -10,7 +10,8 @@ per meta-step from the step's key, and applies the meta-optimizer (Adam with gra
 default) to the estimated meta-gradient. A meta-gradient that is not finite is skipped (the
 meta-parameters and the meta-optimizer's state do not move) and counted. With a checkpoint every
 ``checkpoint_every`` steps holding the meta-parameters, the meta-optimizer state, every population
-and the history, an interrupted run resumes bit-identically: all randomness is ``fold_in(key, step)``.
+and the history, an interrupted run resumes bit-identically: all randomness is ``fold_in(role(key, "meta_step"), step)``, each use
+(config draw, noise, inner runs) taking its own :func:`~weightlab.lopt.tasks.role` of it.
 
 :func:`run` trains one task with any optax optimizer and returns loss curves; :func:`tune_lr` sweeps
 a learning rate (the tuned-Adam baseline); :func:`compare` builds the evaluation table.
@@ -29,7 +30,7 @@ import optax
 from .. import tree as wtree
 from ..errors import LoptError, UsageError
 from .estimators import Estimator, es, pes, tbptt  # noqa: F401  (re-exported: lopt.meta.es / pes / tbptt)
-from .tasks import Family, Task
+from .tasks import Family, Task, role
 
 __all__ = ["LearnedOptimizer", "learned", "MetaResult", "train", "run", "RunResult", "tune_lr", "compare",
            "es", "pes", "tbptt"]
@@ -143,11 +144,11 @@ def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: in
     key = _typed_key(key)
     task_list = _task_list(tasks)
     mopt = meta_optimizer or _DEFAULT_META_OPT
-    theta = lopt.init_meta(jax.random.fold_in(key, 0)) if meta_params is None else meta_params
+    theta = lopt.init_meta(role(key, "meta_init")) if meta_params is None else meta_params
     jax.tree.map(lambda a, b: None, theta, lopt.init_meta(jax.random.key(0)))  # same structure as the architecture
     mstate = mopt.init(theta)
     inits = [jax.jit(lambda th, k, t=t: estimator.init(th, t, lopt.make, k)) for t in task_list]
-    init_state = lambda i, th: inits[i](th, jax.random.fold_in(key, 1000 + i))
+    init_state = lambda i, th: inits[i](th, jax.random.fold_in(role(key, "population"), i))
     states: dict[str, Any] = {}  # a population per task config, created when the config is first drawn
     hist = {"meta_loss": np.full(meta_steps, np.nan, np.float32), "task": np.full(meta_steps, -1, np.int32),
             "skipped": np.zeros(meta_steps, np.int32)}
@@ -179,8 +180,8 @@ def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: in
             bar = tqdm(total=meta_steps, initial=start, desc=f"meta-train {lopt.name} ({estimator.name})")
         t0 = time.perf_counter()
         for s in range(start, meta_steps):
-            k = jax.random.fold_in(key, s + 1)
-            i = int(jax.random.randint(jax.random.fold_in(k, 7), (), 0, len(task_list)))
+            k = jax.random.fold_in(role(key, "meta_step"), s)
+            i = int(jax.random.randint(role(k, "config"), (), 0, len(task_list)))
             if str(i) not in states:
                 states[str(i)] = init_state(i, theta)
             theta, mstate, states[str(i)], loss, skipped = steps[i](theta, mstate, states[str(i)], k)

@@ -5,7 +5,8 @@ factory returning an ``optax.GradientTransformationExtraArgs``.
 ``kind`` is ``"learned"`` (meta-parameters, :mod:`.perparam`, :mod:`.hierarchical`) or ``"variant"``
 (a hand-designed update rule from the seed papers, :mod:`.variants`); ``needs_loss`` says whether
 ``update`` must be called with ``loss=`` (then calling it without raises
-:class:`~weightlab.errors.MissingExtraError`). :func:`optimizer` builds any of them by name,
+:class:`~weightlab.errors.MissingExtraError`): ``False``, ``True``, or a string naming the option
+that makes it required (``"use_loss=True"``). :func:`optimizer` builds any of them by name,
 :func:`transform` turns one into a :class:`~weightlab.WeightTransform` (``apply(params, state,
 grads=g)`` takes one step, through :func:`weightlab.from_optax`), and :func:`markdown_table` is the
 docs' table.
@@ -25,11 +26,21 @@ METHODS = Registry("lopt", modules=("weightlab.lopt.perparam", "weightlab.lopt.h
 _KINDS = ("learned", "variant")
 
 
-def lopt_method(name: str, *, kind: str, paper: str = "", needs_loss: bool = False) -> Callable[[Callable], Callable]:
+def lopt_method(name: str, *, kind: str, paper: str = "", needs_loss: bool | str = False
+                ) -> Callable[[Callable], Callable]:
     """Register ``fn(**hp) -> optax.GradientTransformationExtraArgs`` as optimizer ``name``."""
     if kind not in _KINDS:
         raise UsageError(f"lopt_method {name!r}: kind must be one of {_KINDS}, got {kind!r}")
-    return METHODS.register(name, kind=kind, paper=paper, needs_loss=bool(needs_loss))
+    if not isinstance(needs_loss, (bool, str)):
+        raise UsageError(f"lopt_method {name!r}: needs_loss must be a bool or the option that makes it required, "
+                         f"got {needs_loss!r}")
+    return METHODS.register(name, kind=kind, paper=paper, needs_loss=needs_loss)
+
+
+def _needs_loss_cell(e) -> str:
+    if isinstance(e.needs_loss, str):
+        return f"with `{e.needs_loss}`"
+    return "yes" if e.needs_loss else "no"
 
 
 def _check_hp(name: str, hp: dict) -> None:
@@ -60,6 +71,6 @@ def transform(name: str, *args, **hp):
 def markdown_table() -> str:
     """The docs' table of optimizers (README and docs/learned_optimizers.md)."""
     return METHODS.table([("optimizer", lambda e: f"`{e.name}`"), ("kind", lambda e: e.kind),
-                          ("needs `loss=`", lambda e: "yes" if e.needs_loss else "no"),
+                          ("needs `loss=`", _needs_loss_cell),
                           ("parameters", lambda e: ", ".join(f"`{p}`" for p in e.parameters)),
                           ("paper", lambda e: e.paper), ("what it does", lambda e: e.summary)])

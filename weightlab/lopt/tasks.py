@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import LoptError
+from ..tree import leaf_key
 
 __all__ = ["Task", "Family", "family", "FAMILIES", "mlp_task", "cnn_task", "sequence_task"]
 
@@ -54,11 +55,18 @@ class Family(NamedTuple):
     make: Callable
 
     def task(self, i: int) -> Task:
-        return self.make(**self.configs[i])
+        """Config ``i``'s task; the same Task object every time (also from another Family instance
+        with that config), so jitted meta-steps keyed on it are compiled once."""
+        return _built(self.make, tuple(sorted(self.configs[i].items())))
 
     def sample(self, key) -> Task:
         i = int(jax.random.randint(key, (), 0, len(self.configs)))
         return self.task(i)
+
+
+@functools.lru_cache(maxsize=256)
+def _built(make: Callable, config: tuple) -> "Task":
+    return make(**dict(config))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -80,9 +88,17 @@ def _xent(logits, y):
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
 
 
+def role(key, name: str):
+    """The key of one role (``"init"``, ``"batch"``, ``"valid"``, ``"noise"``, ...) of ``key``:
+    ``fold_in(key, crc32("role", name))``. Every consumer of randomness in :mod:`weightlab.lopt`
+    takes its own role before splitting or folding in indices, so no two roles share a stream
+    (under partitionable threefry ``split(k, n)[j] == fold_in(k, j)``, so bare indices would)."""
+    return leaf_key(key, name, "role")
+
+
 def _reparam_scales(params, run_key):
     leaves, tdef = jax.tree.flatten(params)
-    ks = jax.random.split(jax.random.fold_in(run_key, 0x5EED), len(leaves))
+    ks = jax.random.split(role(run_key, "reparam"), len(leaves))
     return tdef.unflatten([10.0 ** jax.random.uniform(k, (), minval=-1.0, maxval=1.0) for k in ks])
 
 
@@ -95,19 +111,18 @@ def _classification(name, dataset, init_fn, apply_fn, batch_size, reparam, confi
     n = x.shape[0]
 
     def init(key):
-        p = init_fn(key)
+        p = init_fn(role(key, "init"))
         return jax.tree.map(lambda a, s: a / s, p, _reparam_scales(p, key)) if reparam else p
 
-    def batch(run_key, step, _x=x, _y=y, salt=0):
-        idx = jax.random.randint(jax.random.fold_in(jax.random.fold_in(run_key, step), salt), (batch_size,), 0,
-                                 _x.shape[0])
+    def batch(run_key, step, _x=x, _y=y, which="batch"):
+        idx = jax.random.randint(jax.random.fold_in(role(run_key, which), step), (batch_size,), 0, _x.shape[0])
         b = {"x": _x[idx], "y": _y[idx]}
         if reparam:
             b["scale"] = _reparam_scales(jax.eval_shape(init_fn, run_key), run_key)
         return b
 
     def valid_batch(run_key, step):
-        return batch(run_key, step, xv, yv, 1)
+        return batch(run_key, step, xv, yv, "valid")
 
     def real(params, b):
         return jax.tree.map(lambda a, s: a * s, params, b["scale"]) if "scale" in b else params
@@ -221,18 +236,18 @@ def sequence_task(dim: int = 32, seq_len: int = 16, vocab: int = 16, heads: int 
     xt, yt = sample(jax.random.key(12345), 512)
 
     def init(key):
-        p = init_fn(key)
+        p = init_fn(role(key, "init"))
         return jax.tree.map(lambda a, s: a / s, p, _reparam_scales(p, key)) if reparam else p
 
-    def batch(run_key, step):
-        x, y = sample(jax.random.fold_in(run_key, step), batch_size)
+    def batch(run_key, step, which="batch"):
+        x, y = sample(jax.random.fold_in(role(run_key, which), step), batch_size)
         b = {"x": x, "y": y}
         if reparam:
             b["scale"] = _reparam_scales(jax.eval_shape(init_fn, run_key), run_key)
         return b
 
     def valid_batch(run_key, step):
-        return batch(jax.random.fold_in(run_key, 0x7A11D), step)
+        return batch(run_key, step, "valid")
 
     def seq_xent(p, x, y):
         logits = apply_fn(p, x)
@@ -248,7 +263,8 @@ def sequence_task(dim: int = 32, seq_len: int = 16, vocab: int = 16, heads: int 
         return {"loss": lv, "accuracy": jnp.mean(jnp.argmax(logits, -1) == yt)}
 
     cfg = dict(dim=dim, seq_len=seq_len, vocab=vocab, heads=heads, batch_size=batch_size, reparam=reparam)
-    return Task(f"runmax_transformer_d{dim}_b{batch_size}", init, batch, loss, evaluate, apply_fn, cfg, valid_batch)
+    return Task(f"runmax_transformer_d{dim}_b{batch_size}", init, lambda k, t: batch(k, t), loss, evaluate, apply_fn, cfg,
+                valid_batch)
 
 
 def _grid(**axes: Sequence[Any]) -> tuple:
