@@ -128,6 +128,18 @@ class AlignError(WeightlabError, ValueError):
     """Bad input to an alignment method (models of different structure, bad permutations, options)."""
 
 
+class ShardingError(ShapeMismatchError):
+    """A sharding rule does not fit a leaf: a mesh axis that does not divide the dimension, an
+    unknown mesh axis, a spec longer than the leaf's rank, or quantization groups (or packed code
+    blocks) that straddle shard boundaries. Names the leaf's path and the mesh axis; raised before
+    any array moves."""
+
+    def __init__(self, path: str, message: str, *, axis=None, shape=None):
+        self.path, self.axis, self.shape = path, axis, shape
+        self.expected, self.found = message, str(shape)
+        ValueError.__init__(self, f"'{path or '<root>'}': {message}")
+
+
 class LoptError(WeightlabError, ValueError):
     """Bad input to a learned optimizer or to meta-training (meta-weights of another architecture or
     version, a task family option, non-finite gradients under ``nonfinite="error"``)."""

@@ -1,0 +1,185 @@
+"""weightlab.shard: rules, QArray sharding, default rules per family, and every quantizer and merge
+run on an 8-device CPU mesh against the single-device result (values and output shardings)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import weightlab as wl
+from weightlab import merge, quant, shard as ws
+from weightlab.errors import ShardingError
+from weightlab.models import llama
+
+P = ws.P
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert jax.device_count() == 8, "tests/conftest.py must give 8 CPU devices"
+    return ws.make_mesh((2, 4), ("data", "model"))
+
+
+def _w(shape=(64, 48), seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _specs(q):
+    return {n: getattr(q, n) for n in ("codes", "scale", "zero", "lut", "tensor_scale", "pre", "lr_a", "lr_b", "g_idx")}
+
+
+def test_qarray_children_follow_the_weight_spec(mesh):
+    q = quant.quantize_array(_w(), "rtn", bits=4, group_size=16)  # groups along axis 0: 4 groups
+    s = _specs(ws.qarray_specs(q, P("model", None), mesh, "enc/kernel"))
+    assert s["codes"] == P("model", None) and s["scale"] == P("model", None, None) == s["zero"]
+    s = _specs(ws.qarray_specs(q, P(None, "model"), mesh, "enc/kernel"))  # output axis: scales follow it
+    assert s["codes"] == P(None, "model") and s["scale"] == P(None, None, "model")
+    s = _specs(ws.qarray_specs(q, P("data", "model"), mesh, "enc/kernel"))
+    assert s["scale"] == P("data", None, "model")
+    # per-channel scales (one group): the size-1 group axis is never sharded
+    pc = quant.quantize_array(_w(), "rtn", bits=8, group_size=-1)
+    assert _specs(ws.qarray_specs(pc, P("model", None), mesh))["scale"] == P(None, None, None)
+    # NVFP4's tensor scale is replicated; any4's tables follow the non-grouped axis
+    nv = quant.quantize_array(_w(), "rtn", fmt="nvfp4")
+    assert _specs(ws.qarray_specs(nv, P(None, "model"), mesh))["tensor_scale"] == P()
+    a4 = quant.quantize_array(_w((64, 48)), "any4", group_size=64)
+    assert _specs(ws.qarray_specs(a4, P("model", "data"), mesh))["lut"] == P(None, "data")
+    # low-rank factors: A (K, r) like the group axis, B (r, N) like the output axis
+    lr = q.replace(lr_a=jnp.zeros((64, 4)), lr_b=jnp.zeros((4, 48)), pre=jnp.ones(64))
+    s = _specs(ws.qarray_specs(lr, P("model", "data"), mesh))
+    assert s["lr_a"] == P("model", None) and s["lr_b"] == P(None, "data") and s["pre"] == P("model")
+    # act-order: any shard may need any group, so the scales stay whole along the groups
+    ao = q.replace(g_idx=jnp.arange(64, dtype=jnp.int32) % 4)
+    s = _specs(ws.qarray_specs(ao, P("model", None), mesh))
+    assert s["scale"] == P(None, None, None) and s["g_idx"] == P("model") and s["codes"] == P("model", None)
+
+
+def test_groups_or_packing_blocks_straddling_shards_are_named_errors(mesh):
+    q = quant.quantize_array(_w(), "rtn", bits=4, group_size=32)  # 2 groups over 4 shards
+    with pytest.raises(ShardingError, match=r"enc/kernel.*2 groups of 32.*'model'"):
+        ws.qarray_specs(q, P("model", None), mesh, "enc/kernel")
+    s = _specs(ws.qarray_specs(q, P("model", None), mesh, "enc/kernel", indivisible="replicate"))
+    assert s["codes"] == P("model", None) and s["scale"] == P(None, None, None)  # asked for, not silent
+    q3 = quant.quantize_array(_w(), "rtn", bits=3, group_size=16)  # 32 codes per packing block, 16 rows/shard
+    with pytest.raises(ShardingError, match="straddles a block"):
+        ws.qarray_specs(q3, P("model", None), mesh, "enc/kernel")
+    with pytest.raises(ShardingError, match=r"'w'.*2 groups"):  # the same check through the rules
+        ws.shard({"w": q}, mesh, [("w", P("model", None))])
+
+
+def test_bad_rules_are_named_errors_before_anything_moves(mesh):
+    p = {"enc": {"kernel": jnp.ones((8, 30)), "bias": jnp.ones(30)}}
+    for rules, pattern in [([("kernel", P(None, "model"))], r"enc/kernel.*dim 1.*30.*'model'"),
+                           ([("kernel", P(None, "tensor"))], r"enc/kernel.*unknown mesh axis 'tensor'"),
+                           ([("kernel", P("model", "model"))], "used twice"),
+                           ([("bias", P(None, "model"))], r"enc/bias.*rank 1"),
+                           ([("kernel",)], "rule 0 must be"),
+                           ([("kernel", "model")], "PartitionSpec")]:
+        with pytest.raises(ShardingError, match=pattern):
+            ws.shard(p, mesh, rules)
+    with pytest.raises(ShardingError, match="needs 6 devices"):
+        ws.make_mesh((2, 3))
+    assert ws.make_mesh((2, -1)).shape == {"data": 2, "model": 4}
+    with pytest.raises(ShardingError, match="batch axis 0"):
+        ws.shard_batch({"x": jnp.ones((3, 4))}, mesh)
+    b = ws.shard_batch({"x": jnp.ones((6, 4))}, mesh)
+    assert b["x"].sharding.spec == P("data", None)
+
+
+def test_default_rules_are_megatron_tensor_parallel_per_family(mesh):
+    p = llama.random_llama(jax.random.key(0), llama.tiny_config())
+    specs = ws.partition_specs(p, ws.default_rules(p), mesh)
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == P("model", None)  # column-parallel (out, in)
+    assert specs["model.layers.0.self_attn.o_proj.weight"] == P(None, "model")  # row-parallel
+    assert specs["model.layers.1.mlp.down_proj.weight"] == P(None, "model")
+    assert specs["model.norm.weight"] == P(None)
+    fs = ws.partition_specs(p, ws.default_rules(p, fsdp=True), mesh)
+    assert fs["model.layers.0.mlp.up_proj.weight"] == P("model", "data")
+    t = wl.models.transformer(jax.random.key(0), dim=32)
+    specs = ws.partition_specs(t.params, ws.default_rules(t.params), mesh, indivisible="replicate")
+    assert specs["block_0"]["attn"]["query"]["kernel"] == P(None, "model")
+    assert specs["block_0"]["attn"]["out"]["kernel"] == P("model", None)
+    assert specs["head"]["kernel"] == P(None, None)
+    from weightlab.models import bert
+
+    cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    shapes = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in bert.expected_shapes(cfg).items()}
+    specs = ws.partition_specs(shapes, ws.default_rules(shapes), mesh)
+    assert specs["encoder.layer.0.attention.self.query.weight"] == P("model", None)
+    assert specs["encoder.layer.0.attention.output.dense.weight"] == P(None, "model")
+    assert specs["encoder.layer.0.output.dense.weight"] == P(None, "model")
+    assert specs["encoder.layer.0.intermediate.dense.weight"] == P("model", None)
+    rows = ws.explain(shapes, mesh)
+    assert {r["path"] for r in rows} == set(shapes) and all(r["bytes_per_device"] > 0 for r in rows)
+
+
+def _check_placement(out, mesh, rules):
+    want = ws.named_shardings(out, mesh, rules)
+    for got, w in zip(jax.tree.leaves(ws.shardings(out)), jax.tree.leaves(want)):
+        assert got.is_equivalent_to(w, len(w.spec) or 1), (got, w)
+
+
+def _equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+QUANTIZERS = {"rtn-int4-g16": ("rtn", dict(bits=4, group_size=16, axis=-1)),
+              "rtn-nf4": ("rtn", dict(fmt="nf4", group_size=16, axis=-1)),
+              "rtn-mxfp4": ("rtn", dict(fmt="mxfp4", axis=-1)),
+              "rtn-nvfp4": ("rtn", dict(fmt="nvfp4", axis=-1)),
+              "hqq": ("hqq", dict(bits=4, group_size=16, axis=-1)),
+              "any4": ("any4", dict(group_size=16, axis=-1)),
+              "gptq": ("gptq", dict(bits=4, group_size=16)),
+              "awq": ("awq", dict(bits=4, group_size=16))}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    cfg = llama.tiny_config(num_layers=1)
+    p = llama.random_llama(jax.random.key(1), cfg)
+    toks = jax.random.randint(jax.random.key(2), (4, 16), 0, cfg.vocab_size)
+    stats = quant.capture(lambda q, t: llama.llama_apply(q, t, cfg), p, [toks])
+    return p, stats
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_every_quantizer_on_the_mesh_equals_one_device(name, tiny_llama):
+    p, stats = tiny_llama
+    mesh = ws.make_mesh((4, 2))  # 2-way tensor parallel: 32 input rows per shard, whole MX/NV groups
+    method, hp = QUANTIZERS[name]
+    sel = r"(proj)\.weight$"
+    t = wl.select(sel, quant.transform(method, **hp))
+    extras = {"stats": {k: v for k, v in stats.items() if "proj" in k}} if QUANTIZERS[name][0] in ("gptq", "awq") else {}
+    want = wl.apply_once(t, p, **extras)
+    rules = ws.default_rules(p)
+    got = wl.apply_once(ws.jit(t, mesh, rules), p, **extras)
+    assert quant.is_qarray(got["model.layers.0.mlp.down_proj.weight"])
+    _equal(got, want)
+    _check_placement(got, mesh, rules)
+    down = got["model.layers.0.mlp.down_proj.weight"]  # row-parallel: codes and scales split on the group axis
+    assert down.codes.sharding.spec[1] == "model"
+
+
+MERGES = {"linear": {}, "task_arithmetic": {}, "ties": dict(density=0.4), "dare_ties": dict(density=0.5),
+          "magmax": {}, "breadcrumbs": dict(density=0.8, gamma=0.1), "model_stock": {}, "slerp": dict(t=0.3),
+          "tsv_m": {}, "iso_c": {}, "karcher": {}}
+
+
+@pytest.mark.parametrize("name", sorted(MERGES))
+def test_every_merge_family_on_the_mesh_equals_one_device(name, mesh):
+    key = jax.random.key(0)
+    shapes = {"layer_0": {"kernel": (16, 32), "bias": (32,)}, "layer_1": {"kernel": (32, 8), "bias": (8,)}}
+    mk = lambda i: jax.tree.map(lambda s: jax.random.normal(jax.random.fold_in(key, i), s) * 0.1 + 1.0, shapes,  # noqa
+                                is_leaf=lambda s: isinstance(s, tuple))
+    base = mk(0)
+    n = 1 if name == "slerp" else 3
+    models = jax.tree.map(lambda *x: jnp.stack(x), *[mk(i + 1) for i in range(n)])
+    t = merge.transform(name, **MERGES[name])
+    extras = dict(models=models, key=jax.random.key(5))
+    want = wl.apply_once(t, base, **extras)
+    rules = [(r"layer_0/kernel", P(None, "model")), (r"layer_0/bias", P("model")), (r"layer_1/kernel", P("model", None))]
+    got = wl.apply_once(ws.jit(t, mesh, rules), base, **extras)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
+    _check_placement(got, mesh, rules)

@@ -1,0 +1,24 @@
+"""Sharding for every pillar: path rules -> ``PartitionSpec`` -> ``NamedSharding`` on a device mesh.
+
+* :mod:`.rules`: :func:`make_mesh`, :func:`partition_specs` (rules are ``(selector, spec)`` with the
+  same selectors as ``select=``), :func:`named_shardings`, :func:`shard`, :func:`explain`.
+* :mod:`.qarray`: how a quantized weight's codes, scales and zeros follow its weight's spec.
+* :mod:`.defaults`: tensor-parallel rules for the bundled model families (LLaMA, BERT, weightlab's
+  flax models) and data-parallel batches.
+* :mod:`.run`: :func:`jit` runs any WeightTransform under ``jax.jit`` with in/out shardings from the
+  rules, so results come back sharded as the rules say.
+"""
+
+from __future__ import annotations
+
+from jax.sharding import PartitionSpec as P  # noqa: F401
+
+from .defaults import FAMILY_RULES, batch_sharding, default_rules, shard_batch  # noqa: F401
+from .qarray import qarray_specs  # noqa: F401
+from .rules import (axis_size, bytes_per_device, explain, make_mesh, named_shardings, normalize_spec,  # noqa: F401
+                    partition_specs, shard, shardings)
+from .run import jit  # noqa: F401
+
+__all__ = ["P", "make_mesh", "partition_specs", "named_shardings", "shard", "shardings", "explain", "axis_size",
+           "bytes_per_device", "normalize_spec", "qarray_specs", "default_rules", "FAMILY_RULES", "batch_sharding",
+           "shard_batch", "jit"]
