@@ -183,3 +183,54 @@ def test_every_merge_family_on_the_mesh_equals_one_device(name, mesh):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
     _check_placement(got, mesh, rules)
+
+
+def test_gptq_sharded_along_outputs_runs_its_column_sweep_without_communication(mesh):
+    """GPTQ's sweep over input columns updates every output independently: sharded along the
+    outputs, the partitioned program has no collective at all (so none in the loop); the loop
+    detector itself is checked on a loop that must all-reduce every iteration."""
+    from weightlab.quant.second_order import gptq_quantize
+    from weightlab.shard import hlo
+
+    k, n = 64, 32
+    w = jax.random.normal(jax.random.key(0), (k, n))
+    x = jax.random.normal(jax.random.key(1), (256, k))
+    h = x.T @ x
+    f = jax.jit(lambda w, h: gptq_quantize(w, h, bits=4, group_size=32))
+    w_out = jax.device_put(w, jax.sharding.NamedSharding(mesh, P(None, "model")))
+    text = hlo.compiled_text(f, w_out, h)
+    assert text.count("while(") >= 1  # the sweep is a loop in the compiled program
+    assert hlo.collectives_in_loops(text) == [] and hlo.collectives(text) == {}
+    _equal(f(w_out, h), f(w, h))
+    w_in = jax.device_put(w, jax.sharding.NamedSharding(mesh, P("model", None)))  # inputs sharded: gathered once
+    assert hlo.collectives_in_loops(hlo.compiled_text(f, w_in, h)) == []
+    xs = jax.device_put(jnp.arange(64.0).reshape(8, 8), jax.sharding.NamedSharding(mesh, P("data", "model")))
+    loop = lambda xs: jax.lax.fori_loop(0, 4, lambda i, c: c + jnp.sum(jnp.sin(xs * c[0]), 0), jnp.ones(8))  # noqa
+    assert any("all-reduce" in op for _, op in hlo.collectives_in_loops(hlo.compiled_text(loop, xs)))
+
+
+def test_learned_optimizer_steps_on_the_mesh_keep_state_sharded_and_equal_one_device(mesh):
+    """Three small_fc steps through shard.jit (a WeightTransform with grads=): the same params as on
+    one device, and every accumulator (momenta (4, *shape), v, row/col factors) sharded like its
+    parameter."""
+    from weightlab import lopt
+
+    p = {"enc": {"kernel": jax.random.normal(jax.random.key(0), (16, 32)), "bias": jnp.zeros(32)},
+         "head": {"kernel": jax.random.normal(jax.random.key(1), (32, 8))}}
+    rules = [("enc/kernel", P("data", "model")), ("enc/bias", P("model")), ("head/kernel", P("model", None))]
+    t = lopt.transform("small_fc")
+    st = ws.init(t, p, mesh, rules)
+    assert st.mom["enc"]["kernel"].sharding.spec == P(None, "data", "model")
+    assert st.row["enc"]["kernel"].sharding.spec == P("data")
+    assert st.col["head"]["kernel"].sharding.spec == P(None)
+    run, ref, ref_st = ws.jit(t, mesh, rules), p, t.init(p)
+    q = p
+    for i in range(3):
+        g = jax.tree.map(lambda x: jnp.cos(x + i), q)
+        q, st = run.apply(q, st, grads=g)
+        gr = jax.tree.map(lambda x: jnp.cos(x + i), ref)
+        ref, ref_st = t.apply(ref, ref_st, grads=gr)
+    for x, y in zip(jax.tree.leaves(q), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert st.mom["enc"]["kernel"].sharding.spec == P(None, "data", "model")
+    _check_placement(q, mesh, rules)

@@ -5,6 +5,10 @@
 * :mod:`.qarray`: how a quantized weight's codes, scales and zeros follow its weight's spec.
 * :mod:`.defaults`: tensor-parallel rules for the bundled model families (LLaMA, BERT, weightlab's
   flax models) and data-parallel batches.
+* :mod:`.hlo`: which collectives a compiled sharded program runs, and which run inside loops.
+* :mod:`.state`: optimizer/transform state sharded like the parameter each accumulator belongs to
+  (:func:`init`).
+* :mod:`.plan`: per-device memory of each pillar's job planned from shapes (docs/scale.md).
 * :mod:`.run`: :func:`jit` runs any WeightTransform under ``jax.jit`` with in/out shardings from the
   rules, so results come back sharded as the rules say.
 """
@@ -18,7 +22,8 @@ from .qarray import qarray_specs  # noqa: F401
 from .rules import (axis_size, bytes_per_device, explain, make_mesh, named_shardings, normalize_spec,  # noqa: F401
                     partition_specs, shard, shardings)
 from .run import jit  # noqa: F401
+from .state import init, state_shardings  # noqa: F401
 
 __all__ = ["P", "make_mesh", "partition_specs", "named_shardings", "shard", "shardings", "explain", "axis_size",
            "bytes_per_device", "normalize_spec", "qarray_specs", "default_rules", "FAMILY_RULES", "batch_sharding",
-           "shard_batch", "jit"]
+           "shard_batch", "jit", "init", "state_shardings"]

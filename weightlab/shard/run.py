@@ -4,7 +4,8 @@
 places the params by ``rules`` (checking every leaf first: a rule that does not fit is a
 ShardingError naming the leaf and mesh axis before anything is computed), runs ``t.apply`` under
 ``jax.jit`` and constrains the new params to the shardings the same rules give the *output*
-(quantized leaves included: their codes, scales and zeros follow :mod:`.qarray`). Extras that are
+(quantized leaves included: their codes, scales and zeros follow :mod:`.qarray`) and the new
+state to the params' shardings (:mod:`.state`: an optimizer's accumulators stay sharded). Extras that are
 arrays or pytrees of arrays (``key``, ``grads``, ``stats``, ``batch``) are traced arguments; others
 (``apply_fn``, strings) are static, and each combination of static extras compiles once.
 """
@@ -95,8 +96,10 @@ def jit(transform: WeightTransform, mesh: Mesh, rules=None, *, indivisible: str 
                 compiled.clear()
 
             def g(p, s, ex):
+                from .state import state_shardings
+
                 new, s2 = f(p, s, ex)
-                return constrain(new, out_sh), s2
+                return constrain(new, out_sh), constrain(s2, state_shardings(s2, params, mesh, r, indivisible=ind))
 
             compiled[ck] = (jax.jit(g), statics)  # statics kept alive: their ids stay theirs
         with mesh:

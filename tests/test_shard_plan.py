@@ -1,0 +1,53 @@
+"""weightlab.shard.plan: per-device memory planned from shapes equals what a real 8-device CPU mesh
+holds, at a scaled-down LLaMA (the docs/scale.md table is the same code at 1B)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import weightlab as wl
+from weightlab import lopt, quant, shard as ws
+from weightlab.models import llama
+from weightlab.shard import plan
+
+
+@pytest.fixture(scope="module")
+def setup():
+    mesh = ws.make_mesh((2, 4))
+    cfg = llama.tiny_config(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
+                            head_dim=32, vocab_size=512)
+    p = llama.random_llama(jax.random.key(0), cfg, dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(lambda: p)
+    rules = ws.default_rules(p, fsdp=True)
+    rows = {(r["job"], r["component"]): r["bytes_per_device"]
+            for r in plan.plan_memory(shapes, mesh, rules, quant_hp=dict(bits=4, group_size=32, axis=-1))}
+    return mesh, p, rules, rows
+
+
+def test_planned_bytes_are_what_the_mesh_holds(setup):
+    mesh, p, rules, rows = setup
+    sp = ws.shard(p, mesh, rules)
+    assert plan.measure(sp) == rows[("params", "params")]
+    t = wl.select(r"proj\.weight$", quant.transform("rtn", bits=4, group_size=32, axis=-1))
+    q = wl.apply_once(ws.jit(t, mesh, rules), p)
+    assert quant.is_qarray(q["model.layers.0.mlp.down_proj.weight"])
+    assert plan.measure(q) == rows[("quantize-rtn", "quantized output")]
+    stacked = ws.jit(wl.identity(), mesh, rules).apply(sp, None, models=jax.tree.map(lambda x: jnp.stack([x] * 3), p))
+    assert plan.measure(stacked) == rows[("params", "params")]
+    for name, opt in {"lopt-small_fc": lopt.small_fc(), "optax-adam": __import__("optax").adam(1e-3)}.items():
+        assert plan.measure(jax.jit(opt.init)(sp)) >= 7 * rows[(name, "optimizer state")]  # jit replicates zeros
+        state = ws.init(opt, p, mesh, rules)  # born sharded like the params
+        assert plan.measure(state) == pytest.approx(rows[(name, "optimizer state")], rel=0.02), name
+
+
+def test_plan_for_a_1b_llama_on_8_64_256_devices_runs_from_shapes_alone():
+    cfg = llama.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                            num_kv_heads=8, head_dim=64, tie_word_embeddings=True)  # Llama-3.2-1B's shapes
+    shapes = {k: jax.ShapeDtypeStruct(v, jnp.bfloat16) for k, v in llama.expected_shapes(cfg).items()}
+    assert sum(x.size for x in shapes.values()) > 1.2e9
+    totals = []
+    for axes in ({"data": 1, "model": 8}, {"data": 8, "model": 8}, {"data": 32, "model": 8}):
+        rows = plan.plan_memory(shapes, axes, ws.default_rules(shapes, fsdp=axes["data"] > 1),
+                                jobs=("params", "merge-3"))
+        totals.append(rows[0]["bytes_per_device"])
+    assert totals[0] > 7.9 * totals[1] and totals[1] > 3.9 * totals[2]  # FSDP x TP divides the model
