@@ -112,7 +112,8 @@ def _kernel(x_ref, c_ref, s_ref, z_ref, l_ref, o_ref, *, bits, mode, bk, group_r
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
     if group_rows:  # TPU: the scale block holds every group's row; pick this K-block's group
-        row = kk // group_rows[0]
+        row = jax.lax.div(kk, jnp.int32(group_rows[0]))  # not //: floor division lowers via sign, which
+        # Mosaic lowers by querying the TPU generation (export without a TPU fails)
         s = s_ref[pl.ds(row, 1), :].astype(jnp.float32)
         z = z_ref[pl.ds(row, 1), :].astype(jnp.float32) if z_ref is not None else None
     else:           # GPU: the scale block is this K-block's (1, bn) row

@@ -87,3 +87,35 @@ def test_kernel_lowers_to_triton_for_cuda(name, make):
     exp = export.export(f, platforms=["cuda"],
                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, p)
     assert "xla.gpu.triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("name,make", [c for c in CASES if c[0] in ("int4 sym g128", "int8 channel", "int8 asym g128",
+                                                                      "any4 g128")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_kernel_lowers_to_mosaic_for_tpu(name, make):
+    """jax.export(platforms=["tpu"]) lowers the kernel through Mosaic on this CPU-only machine (its
+    block-shape rules included). Integer division by a constant is written ``lax.div``: ``//`` lowers
+    through ``sign``, which Mosaic lowers by asking the TPU generation, so export without a TPU failed."""
+    from jax import export
+    w = jax.random.normal(jax.random.key(0), (512, 256)) * 0.05
+    p = prepare(make(w))
+    x = jnp.ones((16, 512), jnp.bfloat16)
+    f = jax.jit(lambda x, p: dequant_matmul(x, p, interpret=False, platform="tpu"))
+    exp = export.export(f, platforms=["tpu"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(x, p)
+    assert "tpu_custom_call" in exp.mlir_module()
+
+
+def test_kernel_fallback_where_a_platform_cannot_take_the_blocks(monkeypatch):
+    """Groups of 64 (and 32) give K blocks Mosaic cannot tile (128 lanes): on TPU quant.dot takes the
+    dequantizing path instead of failing; Triton takes them."""
+    from weightlab.kernels import dequant_matmul as dm
+    w = jax.random.normal(jax.random.key(0), (256, 64))
+    q = quant.quantize_rtn(w, "nf4", None, 64)
+    assert not dm.supports_platform(prepare(q), "tpu") and dm.supports_platform(prepare(q), "cuda")
+    assert dm.supports_platform(prepare(quant.quantize_rtn(w, "int", 4, 128)), "tpu")
+    with pytest.raises(ValueError, match="not supported by the tpu kernel"):
+        dequant_matmul(jnp.ones((8, 256)), prepare(q), interpret=False, platform="tpu")
+    monkeypatch.setattr(dm, "supports_platform", lambda p, platform=None: p.block_k % 128 == 0)  # TPU's answer
+    x = jax.random.normal(jax.random.key(1), (3, 256))
+    np.testing.assert_allclose(quant.dot(x, q, use_kernel=True), x @ q.dequantize(), rtol=1e-5, atol=1e-5)

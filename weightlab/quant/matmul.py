@@ -64,11 +64,14 @@ def dot(x, q, *, use_kernel: bool | None = None):
 
     if use_kernel is None:
         use_kernel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-    if use_kernel and kernel_supports(q):
+    prepared = prepare(q) if use_kernel and kernel_supports(q) else None
+    if prepared is not None and not dm.supports_platform(prepared):
+        prepared = None  # e.g. groups of 64 on TPU (Mosaic needs 128-lane K blocks): the dequantizing path
+    if prepared is not None:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xp = x2 if q.pre is None else (x2 * q.pre.astype(x.dtype) if q.pre.ndim == 1 else x2 @ q.pre.astype(x.dtype))
-        y = dm.dequant_matmul(xp, prepare(q))
+        y = dm.dequant_matmul(xp, prepared)
         if q.lr_a is not None:
             y = y + ((x2 @ q.lr_a.astype(x.dtype)) @ q.lr_b.astype(x.dtype)).astype(y.dtype)  # K-first frame
         return y.reshape(*lead, y.shape[-1])
