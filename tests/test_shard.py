@@ -162,8 +162,7 @@ def test_every_quantizer_on_the_mesh_equals_one_device(name, tiny_llama):
 
 
 MERGES = {"linear": {}, "task_arithmetic": {}, "ties": dict(density=0.4), "dare_ties": dict(density=0.5),
-          "magmax": {}, "breadcrumbs": dict(density=0.8, gamma=0.1), "model_stock": {}, "slerp": dict(t=0.3),
-          "tsv_m": {}, "iso_c": {}, "karcher": {}}
+          "magmax": {}, "model_stock": {}, "slerp": dict(t=0.3), "tsv_m": {}, "iso_c": {}}
 
 
 @pytest.mark.parametrize("name", sorted(MERGES))

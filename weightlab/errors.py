@@ -140,6 +140,11 @@ class ShardingError(ShapeMismatchError):
         ValueError.__init__(self, f"'{path or '<root>'}': {message}")
 
 
+class DistributedError(WeightlabError, RuntimeError):
+    """A multi-process run is misconfigured (missing or malformed coordinator, process id outside
+    [0, n), a process count the runtime does not confirm) or a coordinator did not answer in time."""
+
+
 class LoptError(WeightlabError, ValueError):
     """Bad input to a learned optimizer or to meta-training (meta-weights of another architecture or
     version, a task family option, non-finite gradients under ``nonfinite="error"``)."""

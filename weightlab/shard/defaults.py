@@ -95,6 +95,8 @@ def shard_batch(batch: Any, mesh: Mesh, axis: str | tuple = "data") -> Any:
         if x.ndim == 0 or x.shape[0] % n:
             raise ShardingError(path, f"batch axis 0 (length {x.shape[0] if x.ndim else 'scalar'}) is not divisible "
                                       f"by mesh axis {axis!r} (size {n})", axis=axis, shape=tuple(x.shape))
-        return jax.device_put(x, batch_sharding(mesh, x.ndim, axis))
+        from .run import put
+
+        return put(x, batch_sharding(mesh, x.ndim, axis))
 
     return wtree.map_with_path(one, batch)

@@ -164,9 +164,9 @@ def shard(params: Any, mesh: Mesh, rules=None, *, indivisible: str | None = None
 
         rules = default_rules(params)
         indivisible = indivisible or "replicate"
-    sh = named_shardings(params, mesh, rules, indivisible=indivisible or "error")
-    return jax.tree.map(lambda x, s: x if s is None else jax.device_put(x, s), params, sh,
-                        is_leaf=lambda v: v is None)
+    from .run import place
+
+    return place(params, named_shardings(params, mesh, rules, indivisible=indivisible or "error"))
 
 
 def shardings(tree: Any) -> Any:

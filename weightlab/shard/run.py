@@ -21,13 +21,25 @@ from .. import tree as wtree
 from ..core import WeightTransform, _check_transform
 from .rules import named_shardings
 
-__all__ = ["jit", "place", "constrain"]
+__all__ = ["jit", "put", "place", "constrain"]
+
+
+def put(x, s):
+    """``x`` placed with sharding ``s``. Across processes (a sharding spanning other hosts' devices),
+    a host value (the same on every process) is cut into this process's shards."""
+    if s is None or x is None:
+        return x
+    if not s.is_fully_addressable and not (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        import numpy as np
+
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+    return jax.device_put(x, s)
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """``device_put`` each array of ``tree`` with the matching sharding (``None``: left as is)."""
-    return jax.tree.map(lambda x, s: x if s is None or x is None else jax.device_put(x, s), tree, shardings,
-                        is_leaf=lambda v: v is None)
+    """``put`` each array of ``tree`` with the matching sharding (``None``: left as is)."""
+    return jax.tree.map(put, tree, shardings, is_leaf=lambda v: v is None)
 
 
 def constrain(tree: Any, shardings: Any) -> Any:
