@@ -108,3 +108,34 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
         else:
             np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
     assert jax.process_count() == 1  # the test process itself never joined
+
+
+def test_cli_flags_are_read_anywhere_and_bad_ones_fail_before_work(capsys, tmp_path):
+    from weightlab.cli import _pop_distributed, main
+
+    rest, found = _pop_distributed(["info", "--coordinator", "h:1", "x.safetensors", "--num-processes=2",
+                                    "--process-id", "1"])
+    assert rest == ["info", "x.safetensors"]
+    assert found == {"--coordinator": "h:1", "--num-processes": "2", "--process-id": "1"}
+    assert main(["methods", "--coordinator", "localhost:1", "--num-processes", "2"]) == 2
+    assert "missing ['process_id']" in capsys.readouterr().err
+    assert main(["methods", "--distributed-timeout", "5"]) == 2
+    assert "without --coordinator" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_job_across_two_processes_publishes_once(tmp_path):
+    """`weightlab quantize` run by 2 processes: both compute, process 0 alone publishes the output."""
+    import numpy as _np
+
+    from weightlab import io
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "q.safetensors"
+    io.save(src, {"layer.weight": _np.random.default_rng(0).standard_normal((64, 64)).astype(_np.float32)})
+    port = _port()
+    argv = lambda i: ["-m", "weightlab.cli", "quantize", str(src), str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",  # noqa
+                      "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+    rc, logs, dt = _launch([argv(0), argv(1)], timeout=240)
+    assert rc == [0, 0], "\n".join(x[-2000:] for x in logs)
+    assert "process 1 of 2" in logs[1] and out.is_file()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,11 @@ examples:
   weightlab eval q.safetensors --reference ./hf-dir
   weightlab demo --out demo_out             # a few minutes on 2 CPU cores
   weightlab demo --quick                    # shorter training, for a smoke test
+
+multi-process (multi-host) runs, with any command (before or after it):
+  --coordinator HOST:PORT --num-processes N --process-id I [--distributed-timeout S]
+  (or WEIGHTLAB_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or JAX_COORDINATOR_ADDRESS ...):
+  every process runs the same command; process 0 publishes the outputs.
 
 Run `weightlab COMMAND --help` for a command's options.
 """
@@ -245,14 +251,67 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return p
 
 
+_DIST_FLAGS = ("--coordinator", "--num-processes", "--process-id", "--distributed-timeout")
+
+
+def _pop_distributed(argv: list) -> tuple[list, dict]:
+    """The multi-process flags, accepted before or after the command (``--flag V`` or ``--flag=V``)."""
+    rest, found, i = [], {}, 0
+    while i < len(argv):
+        a = argv[i]
+        name = next((f for f in _DIST_FLAGS if a == f or a.startswith(f + "=")), None)
+        if name is None:
+            rest.append(a)
+        elif "=" in a:
+            found[name] = a.split("=", 1)[1]
+        elif i + 1 < len(argv):
+            found[name] = argv[i + 1]
+            i += 1
+        else:
+            found[name] = None
+        i += 1
+    return rest, found
+
+
+def _start_distributed(flags: dict, command: str) -> None:
+    """Join a multi-process run when the flags or the environment ask for one (JAX imported only
+    then); processes other than 0 compute but do not publish outputs."""
+    from .errors import DistributedError
+
+    if any(v is None for v in flags.values()):
+        raise DistributedError(f"{[k for k, v in flags.items() if v is None][0]} needs a value")
+    from .shard import distributed
+
+    try:
+        timeout = int(flags.get("--distributed-timeout", 60))
+    except ValueError:
+        raise DistributedError(f"--distributed-timeout must be an integer, got {flags['--distributed-timeout']!r}") from None
+    s = distributed.settings(flags.get("--coordinator"), flags.get("--num-processes"), flags.get("--process-id"))
+    if s is None:
+        if "--distributed-timeout" in flags:
+            raise DistributedError("--distributed-timeout without --coordinator/--num-processes/--process-id")
+        return
+    distributed.initialize(**s, timeout_s=timeout)
+    if s["process_id"] != 0:
+        from .io import atomic
+
+        atomic.set_publisher(False)
+    print(f"weightlab {command}: process {s['process_id']} of {s['num_processes']} "
+          f"({len(__import__('jax').devices())} devices in all)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, dist = _pop_distributed(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
     try:
+        if dist or any(os.environ.get(v) for v in ("WEIGHTLAB_COORDINATOR", "WEIGHTLAB_NUM_PROCESSES",
+                                                   "WEIGHTLAB_PROCESS_ID")):
+            _start_distributed(dist, args.command)
         return args.fn(args)
     except WeightlabError as e:
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)

@@ -37,7 +37,8 @@ from typing import Iterator
 
 from ..errors import OutputExistsError, OutputPathError
 
-__all__ = ["atomic_file", "atomic_dir", "refuse_existing", "check_output", "is_partial", "sweep", "PARTIAL_TAG"]
+__all__ = ["atomic_file", "atomic_dir", "refuse_existing", "check_output", "is_partial", "sweep", "PARTIAL_TAG",
+           "set_publisher", "is_publisher"]
 
 PARTIAL_TAG = ".weightlab-partial."
 _SUFFIX = ".tmp"
@@ -47,6 +48,20 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+_ROLE = {"publisher": True}
+
+
+def set_publisher(publisher: bool) -> None:
+    """In a multi-process run every process computes the same result; only one (process 0) may
+    publish it. ``set_publisher(False)`` makes every writer of this process write and then discard
+    its temporary (the CLI sets it on processes other than 0)."""
+    _ROLE["publisher"] = bool(publisher)
+
+
+def is_publisher() -> bool:
+    return _ROLE["publisher"]
 
 
 # ------------------------------------------------------------------------------- temporaries
@@ -302,6 +317,9 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     path, tmp = _start(path, overwrite, is_dir=False)
     try:
         yield tmp
+        if not _ROLE["publisher"]:
+            _remove(tmp)
+            return
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         (_publish_replace if overwrite else _publish_new)(tmp, path, False)
@@ -322,6 +340,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     path, tmp = _start(path, overwrite, is_dir=True)
     try:
         yield tmp
+        if not _ROLE["publisher"]:
+            _remove(tmp)
+            return
         _fsync_dir(tmp)
         (_publish_replace if overwrite else _publish_new)(tmp, path, True)
         _fsync_dir(path.parent)
