@@ -96,7 +96,7 @@ print(f"whole-run mean training loss: {before.train_loss.mean():.3f} -> {after.t
 plt.figure(figsize=(4, 2.5)); plt.plot(res.history["meta_loss"]); plt.xlabel("meta-step"); plt.ylabel("meta-loss")
 plt.tight_layout(); plt.savefig("meta_loss.png", dpi=90); plt.close(); display(Image("meta_loss.png"))"""),
     md("""Checkpoints: `checkpoint=` a directory (orbax, every `checkpoint_every` meta-steps). A killed run
-resumes where the last checkpoint left it, bit-identically (all randomness is `fold_in(key, step)`).
+resumes where the last checkpoint left it, bit-identically (all randomness is derived from the key and the meta-step number).
 From the shell: `weightlab lopt meta-train out.safetensors --tasks digits_mlp --estimator pes`."""),
     code("""import tempfile
 ck = tempfile.mkdtemp() + "/ck"
