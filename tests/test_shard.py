@@ -233,3 +233,28 @@ def test_learned_optimizer_steps_on_the_mesh_keep_state_sharded_and_equal_one_de
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     assert st.mom["enc"]["kernel"].sharding.spec == P(None, "data", "model")
     _check_placement(q, mesh, rules)
+
+
+def test_alignment_on_the_mesh_equals_one_device(mesh):
+    """Weight matching reads sharded params (its cost matrices are contracted on the devices, partial
+    sums reduced), finds the same permutations as on one device, and the permuted model comes back
+    sharded by the rules (permuting a sharded axis costs XLA one gather of that weight: HLO checked)."""
+    from weightlab import align, models
+    from weightlab.shard import hlo
+
+    m = models.mlp(jax.random.key(0), hidden=(32, 16))
+    spec = align.infer_spec(m.apply_fn, m.params, jax.random.normal(jax.random.key(1), (8, 40)))
+    b = align.permute(spec, align.random_perms(spec, jax.random.key(5)), m.params)
+    b = jax.tree.map(lambda x: x + 0.01 * jnp.sin(x), b)
+    rules = [("dense_0/kernel", P("model", None)), ("dense_1/kernel", P(None, "model")), ("dense_1/bias", P("model"))]
+    a_sh, b_sh = ws.shard(m.params, mesh, rules), ws.shard(b, mesh, rules)
+    found = align.weight_matching(spec, a_sh, b_sh)
+    want = align.weight_matching(spec, m.params, b)
+    assert all(np.array_equal(found[g], want[g]) for g in spec.groups)
+    apply_perms = wl.stateless(lambda p, perms: align.permute(spec, perms, p))
+    out = wl.apply_once(ws.jit(apply_perms, mesh, rules), b_sh, perms=dict(found))
+    _equal(out, align.permute(spec, want, b))
+    _check_placement(out, mesh, rules)
+    # dense_0's permuted axis (its outputs) is unsharded under these rules: permuting it is local
+    f = jax.jit(lambda w, p: jnp.take(w, p, axis=1))
+    assert hlo.collectives(hlo.compiled_text(f, a_sh["dense_0"]["kernel"], jnp.arange(32))) == {}
