@@ -46,7 +46,8 @@ res = meta.train(lo, family, est, meta_steps=a.meta_steps, key=jax.random.key(0)
 recipe = {"command": "python scripts/lopt_pretrain.py OUT", "tasks": "mnist1d MLP, widths 32/64/128, depth 1/2, "
           "batch 128", "estimator": dict(est.config, name=est.name), "meta_optimizer": "clip 1.0 + adam 1e-3",
           "meta_steps": a.meta_steps, "seed": 0, "cpu_hours": round((time.process_time() - c0) / 3600, 3),
+          "meta_loss_first_100": float(np.nanmean(res.history["meta_loss"][:100])),
           "final_meta_loss_mean_last_100": float(np.nanmean(res.history["meta_loss"][-100:])),
-          "skipped_meta_steps": res.skipped}
-save_meta(a.output, res.meta_params, lopt="small_fc", hp={"hidden_size": 32}, recipe=recipe, version="1")
+          "skipped_meta_steps": res.skipped, "max_fan_in": 128}  # the widest matrix seen: small_fc warns beyond
+save_meta(a.output, res.meta_params, lopt="small_fc", hp={"hidden_size": 32}, recipe=recipe, version="2")
 print(recipe)
