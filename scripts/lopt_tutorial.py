@@ -34,11 +34,18 @@ def main():
     ap.add_argument("--trunc", type=int, default=50)
     ap.add_argument("--meta-lr", type=float, default=3e-3)
     ap.add_argument("--estimators", default="tbptt,es,pes")
+    ap.add_argument("--lopt", default="small_fc", choices=["small_fc", "hyper"],
+                    help="hyper: the VeLO-style per-tensor LSTM, horizon-conditioned on --horizon")
     a = ap.parse_args()
     task = tasks.mlp_task("digits", width=32, depth=1, batch_size=128)
-    lo = meta.learned("small_fc", hidden_size=32)
-    theta0 = lo.init_meta(jax.random.key(0))
-    theta0 = dict(theta0, skip=theta0["skip"] * 0.01)  # an optimizer that barely moves: meta-loss ~ ln 10
+    weak = lambda th: dict(th, skip=th["skip"] * 0.01)  # noqa: E731  (an optimizer that barely moves)
+    if a.lopt == "hyper":
+        lo = meta.learned("hyper", hidden_size=32, num_steps=a.horizon)
+        theta0 = lo.init_meta(jax.random.key(0))
+        theta0 = dict(theta0, perparam=weak(theta0["perparam"]))
+    else:
+        lo = meta.learned("small_fc", hidden_size=32)
+        theta0 = weak(lo.init_meta(jax.random.key(0)))
     start = meta.run(lo.make(theta0), task, steps=a.horizon, key=jax.random.key(7), seeds=4).train_loss.mean()
     for name in a.estimators.split(","):
         kw = dict(num_particles=a.particles, trunc_length=a.trunc, horizon=a.horizon)
@@ -49,7 +56,7 @@ def main():
         cpu = time.process_time() - t0
         after = meta.run(lo.make(res.meta_params), task, steps=a.horizon, key=jax.random.key(7), seeds=4)
         h = res.history["meta_loss"]
-        print(json.dumps({"estimator": name, "meta_steps": a.meta_steps, "particles": a.particles,
+        print(json.dumps({"lopt": a.lopt, "estimator": name, "meta_steps": a.meta_steps, "particles": a.particles,
                           "horizon": a.horizon, "trunc": a.trunc, "whole_run_loss_before": round(float(start), 3),
                           "meta_loss_first10": round(float(np.mean(h[:10])), 3),
                           "meta_loss_last10": round(float(np.mean(h[-10:])), 3),
