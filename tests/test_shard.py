@@ -111,6 +111,17 @@ def test_default_rules_are_megatron_tensor_parallel_per_family(mesh):
     assert specs["encoder.layer.0.intermediate.dense.weight"] == P("model", None)
     rows = ws.explain(shapes, mesh)
     assert {r["path"] for r in rows} == set(shapes) and all(r["bytes_per_device"] > 0 for r in rows)
+    # The convolution rule takes whole path components of rank-3 kernels only (not q_proj/kernel).
+    flax_like = {"q_proj": {"kernel": jnp.ones((16, 16))}, "conv_0": {"kernel": jnp.ones((3, 8, 16))},
+                 "proj": {"kernel": jnp.ones((8, 16))}}
+    specs = ws.partition_specs(flax_like, ws.default_rules(family="flax"), mesh, indivisible="replicate")
+    assert specs["q_proj"]["kernel"] == P(None, None) and specs["proj"]["kernel"] == P(None, None)
+    assert specs["conv_0"]["kernel"] == P(None, None, "model")
+    # indivisible="replicate" trims a rule written for a higher rank, but a mistyped axis still raises.
+    trimmed = ws.partition_specs(flax_like, [("q_proj", P(None, "model", "data"))], mesh, indivisible="replicate")
+    assert trimmed["q_proj"]["kernel"] == P(None, "model")
+    with pytest.raises(ShardingError, match=r"q_proj/kernel.*unknown mesh axis 'modle'"):
+        ws.partition_specs(flax_like, [("q_proj", P("modle"))], mesh, indivisible="replicate")
 
 
 def _check_placement(out, mesh, rules):
@@ -206,6 +217,13 @@ def test_gptq_sharded_along_outputs_runs_its_column_sweep_without_communication(
     xs = jax.device_put(jnp.arange(64.0).reshape(8, 8), jax.sharding.NamedSharding(mesh, P("data", "model")))
     loop = lambda xs: jax.lax.fori_loop(0, 4, lambda i, c: c + jnp.sum(jnp.sin(xs * c[0]), 0), jnp.ones(8))  # noqa
     assert any("all-reduce" in op for _, op in hlo.collectives_in_loops(hlo.compiled_text(loop, xs)))
+    # A loop carrying 7 values: XLA prints its tuple types with /*index=5*/ comments in the headers.
+    def loop7(xs):
+        body = lambda c: (c[0] + 1, *(v * 2 for v in c[1:6]), c[6] + jnp.sum(c[1]))  # noqa: E731
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, xs, xs, xs, xs, xs, 0.0))
+    text7 = hlo.compiled_text(loop7, xs)
+    assert "/*index=5*/" in text7
+    assert [op for _, op in hlo.collectives_in_loops(text7) if "all-reduce" in op]
 
 
 def test_learned_optimizer_steps_on_the_mesh_keep_state_sharded_and_equal_one_device(mesh):

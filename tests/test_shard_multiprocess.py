@@ -110,13 +110,21 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
     assert jax.process_count() == 1  # the test process itself never joined
 
 
-def test_cli_flags_are_read_anywhere_and_bad_ones_fail_before_work(capsys, tmp_path):
+def test_cli_flags_are_read_anywhere_and_bad_ones_fail_before_work(capsys, tmp_path, monkeypatch):
     from weightlab.cli import _pop_distributed, main
 
     rest, found = _pop_distributed(["info", "--coordinator", "h:1", "x.safetensors", "--num-processes=2",
                                     "--process-id", "1"])
     assert rest == ["info", "x.safetensors"]
     assert found == {"--coordinator": "h:1", "--num-processes": "2", "--process-id": "1"}
+    rest, found = _pop_distributed(["info", "--coordinator", "--num-processes", "2"])  # a flag is not a value
+    assert rest == ["info"] and found == {"--coordinator": None, "--num-processes": "2"}
+    assert main(["methods", "--coordinator", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "--coordinator needs a value" in capsys.readouterr().err
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")  # JAX's own variables start a run too
+    assert main(["methods", "--process-id", "0"]) == 2
+    assert "missing ['coordinator']" in capsys.readouterr().err
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
     assert main(["methods", "--coordinator", "localhost:1", "--num-processes", "2"]) == 2
     assert "missing ['process_id']" in capsys.readouterr().err
     assert main(["methods", "--distributed-timeout", "5"]) == 2

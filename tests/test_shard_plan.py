@@ -40,6 +40,18 @@ def test_planned_bytes_are_what_the_mesh_holds(setup):
         assert plan.measure(state) == pytest.approx(rows[(name, "optimizer state")], rel=0.02), name
 
 
+def test_bytes_per_device_of_a_lut_qarray_is_what_the_mesh_holds(setup):
+    """any4 QArrays have no zeros but a per-row table: absent children must not shift the specs."""
+    mesh = setup[0]
+    q = quant.quantize_any4(jax.random.normal(jax.random.key(0), (256, 128)), group_size=64)
+    assert q.zero is None and q.lut is not None
+    rules = [("w", ws.P(None, "model"))]
+    placed = ws.shard({"w": q}, mesh, rules)
+    held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed))
+    spec = ws.partition_specs({"w": q}, rules, mesh)["w"]
+    assert ws.bytes_per_device(q, spec, mesh) == held == plan.measure(placed)
+
+
 def test_plan_for_a_1b_llama_on_8_64_256_devices_runs_from_shapes_alone():
     cfg = llama.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                             num_kv_heads=8, head_dim=64, tie_word_embeddings=True)  # Llama-3.2-1B's shapes

@@ -40,7 +40,7 @@ examples:
 multi-process (multi-host) runs, with any command (before or after it):
   --coordinator HOST:PORT --num-processes N --process-id I [--distributed-timeout S]
   (or WEIGHTLAB_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or JAX_COORDINATOR_ADDRESS ...):
-  every process runs the same command; process 0 publishes the outputs.
+  every process runs the same (unsharded) command; process 0 alone publishes the outputs.
 
 Run `weightlab COMMAND --help` for a command's options.
 """
@@ -252,6 +252,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
 
 _DIST_FLAGS = ("--coordinator", "--num-processes", "--process-id", "--distributed-timeout")
+# Kept in step with weightlab.shard.distributed._ENV (not imported here: that would import JAX).
+_DIST_ENV = ("WEIGHTLAB_COORDINATOR", "WEIGHTLAB_NUM_PROCESSES", "WEIGHTLAB_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
+             "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def _pop_distributed(argv: list) -> tuple[list, dict]:
@@ -264,7 +267,7 @@ def _pop_distributed(argv: list) -> tuple[list, dict]:
             rest.append(a)
         elif "=" in a:
             found[name] = a.split("=", 1)[1]
-        elif i + 1 < len(argv):
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # a flag is not a value
             found[name] = argv[i + 1]
             i += 1
         else:
@@ -308,10 +311,11 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    started = False
     try:
-        if dist or any(os.environ.get(v) for v in ("WEIGHTLAB_COORDINATOR", "WEIGHTLAB_NUM_PROCESSES",
-                                                   "WEIGHTLAB_PROCESS_ID")):
+        if dist or any(os.environ.get(v) for v in _DIST_ENV):
             _start_distributed(dist, args.command)
+            started = True
         return args.fn(args)
     except WeightlabError as e:
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
@@ -325,6 +329,11 @@ def main(argv=None) -> int:
     except OSError as e:  # the machine's, not the input's: disk full, permission denied mid-run
         print(f"weightlab {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if started:  # main() called in-process (tests, notebooks): later jobs of this process publish again
+            from .io import atomic
+
+            atomic.set_publisher(True)
 
 
 def _quiet_stdout() -> None:

@@ -129,9 +129,12 @@ def sweep(path: str | os.PathLike) -> list[Path]:
 # ------------------------------------------------------------------------------- checks
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Raise :class:`OutputExistsError` if ``path`` exists (even as a dangling link) and not ``overwrite``."""
+    """Raise :class:`OutputExistsError` if ``path`` exists (even as a dangling link) and not ``overwrite``.
+
+    A process that is not the publisher (see :func:`set_publisher`) never publishes, so it skips the
+    check: the publisher may already have written ``path`` while this process was still computing."""
     path = Path(path)
-    if os.path.lexists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite and _ROLE["publisher"]:
         raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return path
 

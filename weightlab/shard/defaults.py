@@ -47,7 +47,9 @@ def _bert(model, data):
 def _flax(model, data):
     col, row = r"(attn/(query|key|value)|mlp/(up|gate)|dense_\d+)", r"(attn/out|mlp/down)"
     return [(col + r"/kernel$", P(data, model)), (col + r"/bias$", P(model)), (row + r"/kernel$", P(model, data)),
-            (r"(conv_\d+|proj|stem)/kernel$", P(None, data, model)),  # (width, in, out) convolutions
+            # (width, in, out) convolutions: a whole path component, and rank 3 only (not q_proj/kernel)
+            (wtree.selector(r"(^|/)(conv_\d+|proj|stem)/kernel$") & wtree.selector(lambda p, x: x.ndim == 3),
+             P(None, data, model)),
             (r"embed/kernel$", P(data, model)), (r"head/kernel$", P(data, None))]
 
 

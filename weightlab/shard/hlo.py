@@ -14,7 +14,8 @@ __all__ = ["COLLECTIVES", "collectives", "collectives_in_loops", "compiled_text"
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\([^)]*\))?.*\{\s*$")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _OP = re.compile(r"=\s*[^=]*?\b(" + "|".join(re.escape(c) for c in COLLECTIVES) + r")(?:-start|-done)?\(")
 _CALLS = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation|branch_computations)"
                     r"=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
@@ -32,9 +33,12 @@ def _computations(text: str) -> dict[str, list[str]]:
     comps: dict[str, list[str]] = {}
     name = None
     for line in text.splitlines():
-        s = line.strip()
-        m = _COMP.match(s) if not s.startswith("ROOT") and "=" not in s.split("{")[0] else None
-        if m and s.endswith("{"):
+        # Comments such as ``/*index=5*/`` (every fifth element of a long tuple type) carry "=" and
+        # must not make a computation header look like an instruction.
+        s = _COMMENT.sub("", line).strip()
+        head = s.split("(", 1)[0]
+        m = _COMP.match(s) if s.endswith("{") and "=" not in head and not s.startswith("ROOT") else None
+        if m:
             name = m.group(1)
             comps[name] = []
         elif s == "}":

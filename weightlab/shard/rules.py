@@ -133,13 +133,19 @@ def partition_specs(params: Any, rules=(), mesh: Mesh | None = None, *, indivisi
 
 
 def _drop_indivisible(spec, shape, mesh, path):
+    """``indivisible="replicate"``: dimensions a mesh axis does not divide, and spec entries past the
+    leaf's rank (a rule written for a higher-rank leaf), become replicated. Unknown mesh axes are
+    still a ShardingError: a typo is not an indivisibility."""
     if spec is None or not isinstance(spec, (P, tuple, list)):
         return spec
-    entries = list(spec)[: len(shape)] if len(spec) <= len(shape) else list(spec)
+    entries = list(spec)[: len(shape)]
     keep = []
     for dim, e in enumerate(entries):
-        ok = e is None or dim >= len(shape) or (all(a in mesh.shape for a in _axes(e))
-                                                and shape[dim] % axis_size(mesh, e) == 0)
+        for a in _axes(e):
+            if isinstance(a, str) and a not in mesh.shape:
+                raise ShardingError(path, f"unknown mesh axis '{a}' (dim {dim}); the mesh has axes "
+                                          f"{tuple(mesh.axis_names)}", axis=a, shape=tuple(shape))
+        ok = e is None or not all(isinstance(a, str) for a in _axes(e)) or shape[dim] % axis_size(mesh, e) == 0
         keep.append(e if ok else None)
     return P(*keep)
 
@@ -207,10 +213,19 @@ def bytes_per_device(x, spec, mesh: Mesh) -> int:
     """Bytes one device holds of leaf ``x`` (an array, ShapeDtypeStruct or QArray) sharded by ``spec``."""
     from ..dtypes import true_bytes
 
-    leaves = jax.tree.leaves(x)
-    specs = jax.tree.leaves(spec, is_leaf=_is_spec) if not isinstance(spec, P) else [spec]
+    from ..quant.qarray import is_qarray
+
+    if is_qarray(x) and (spec is None or isinstance(spec, P)):
+        from .qarray import qarray_specs
+
+        spec = qarray_specs(x, spec if spec is not None else P(), mesh, indivisible="replicate")
+    pairs: list = []
+    # Walk the leaf and its specs together: a QArray's absent children (None) are absent in both.
+    jax.tree.map(lambda a, s: pairs.append((a, s)), x, spec, is_leaf=lambda v: v is None or isinstance(v, P))
     total = 0
-    for a, s in zip(leaves, specs):
+    for a, s in pairs:
+        if a is None:
+            continue
         shape = list(np.shape(a))
         for dim, e in enumerate(list(s or ())):
             if e is not None and dim < len(shape):

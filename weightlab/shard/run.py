@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from .. import tree as wtree
 from ..core import WeightTransform, _check_transform
 from .rules import named_shardings
+from .state import state_shardings
 
 __all__ = ["jit", "put", "place", "constrain"]
 
@@ -100,18 +101,19 @@ def jit(transform: WeightTransform, mesh: Mesh, rules=None, *, indivisible: str 
         def f(p, s, ex):
             return transform.apply(p, s, **ex, **statics)
 
-        out_params, _ = jax.eval_shape(f, params, state, dyn)
+        out_params, out_state = jax.eval_shape(f, params, state, dyn)
         out_sh = named_shardings(out_params, mesh, r if out_rules is None else out_rules, indivisible=ind)
-        ck = (static, jax.tree.structure(out_sh, is_leaf=lambda v: v is None), str(jax.tree.leaves(out_sh)))
+        st_sh = state_shardings(out_state, params, mesh, r, indivisible=ind)
+        # The compiled function closes over out_sh/st_sh and the static extras: all three are in the key.
+        ck = (static,) + tuple((jax.tree.structure(t, is_leaf=lambda v: v is None), str(jax.tree.leaves(t)))
+                               for t in (out_sh, st_sh))
         if ck not in compiled:
             if len(compiled) > 32:
                 compiled.clear()
 
-            def g(p, s, ex):
-                from .state import state_shardings
-
+            def g(p, s, ex, out_sh=out_sh, st_sh=st_sh):
                 new, s2 = f(p, s, ex)
-                return constrain(new, out_sh), constrain(s2, state_shardings(s2, params, mesh, r, indivisible=ind))
+                return constrain(new, out_sh), constrain(s2, st_sh)
 
             compiled[ck] = (jax.jit(g), statics)  # statics kept alive: their ids stay theirs
         with mesh:
