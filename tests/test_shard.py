@@ -253,6 +253,48 @@ def test_learned_optimizer_steps_on_the_mesh_keep_state_sharded_and_equal_one_de
     _check_placement(q, mesh, rules)
 
 
+def test_meta_training_population_split_over_the_mesh_equals_one_device(mesh):
+    """meta.train(mesh=...): each population (PES pairs and their inner runs) is born split over the
+    mesh's devices and stays split through the meta-steps, which communicate only to reduce the
+    meta-gradient; the meta-parameters equal the single-device run's; a population the axis does not
+    divide is a ShardingError before any work."""
+    from weightlab.lopt import estimators as E, meta, tasks
+
+    task = tasks.mlp_task("digits", width=16, depth=1, batch_size=32)
+    lo = meta.learned("small_fc", hidden_size=8)
+    est = E.pes(num_particles=8, trunc_length=3, horizon=6, sigma=0.05)
+    pop = ("data", "model")  # 8 particles over all 8 devices
+    ref = meta.train(lo, task, est, meta_steps=3, key=jax.random.key(0))
+    res = meta.train(lo, task, est, meta_steps=3, key=jax.random.key(0), mesh=mesh, population_axis=pop)
+    for a, b in zip(jax.tree.leaves(res.meta_params), jax.tree.leaves(ref.meta_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.history["meta_loss"], ref.history["meta_loss"], rtol=1e-5)
+    # the population itself: each device holds 1 of the 8 particles' params
+    state = jax.jit(lambda th, k: est.init(th, task, lo.make, k),
+                    out_shardings=meta.population_shardings(
+                        jax.eval_shape(lambda th, k: est.init(th, task, lo.make, k), res.meta_params,
+                                       jax.random.key(0)), mesh, pop))(res.meta_params, jax.random.key(1))
+    leaf = jax.tree.leaves(state["pos"].params)[0]
+    assert leaf.shape[0] == 8 and leaf.addressable_shards[0].data.shape[0] == 1
+    assert state["key"].sharding.is_fully_replicated
+    step = meta._meta_step_fn(est, task, lo.make, meta._DEFAULT_META_OPT, mesh, pop)
+    mstate = meta._DEFAULT_META_OPT.init(res.meta_params)
+    from weightlab.shard import hlo
+
+    # The particles run where they live: the only communication is the meta-gradient's reduction.
+    assert set(hlo.collectives(hlo.compiled_text(step, res.meta_params, mstate, state, jax.random.key(2)))) == {
+        "all-reduce"}
+    _, _, new, loss, _ = step(res.meta_params, mstate, state, jax.random.key(2))
+    assert np.isfinite(float(loss))
+    for x in jax.tree.leaves((new["pos"], new["neg"], new["xi"])):
+        assert x.sharding.spec[0] == pop, x.sharding
+    with pytest.raises(ShardingError, match="6 particles do not split over mesh axis 'model' \\(size 4\\)"):
+        meta.train(lo, task, E.es(num_particles=6), meta_steps=1, key=jax.random.key(0), mesh=mesh,
+                   population_axis="model")
+    with pytest.raises(ShardingError, match="unknown mesh axis 'pop'"):
+        meta.train(lo, task, est, meta_steps=1, key=jax.random.key(0), mesh=mesh, population_axis="pop")
+
+
 def test_alignment_on_the_mesh_equals_one_device(mesh):
     """Weight matching reads sharded params (its cost matrices are contracted on the devices, partial
     sums reduced), finds the same permutations as on one device, and the permuted model comes back

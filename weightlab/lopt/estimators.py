@@ -189,12 +189,13 @@ def _antithetic(name, num_particles, trunc_length, horizon, sigma, loss_cap, per
         neg, _ = reset_unrolls(theta, task, make_opt, state["neg"], horizon, base)  # same keys: a pair restarts alike
         eps = jax.vmap(lambda k: _noise(theta, k, sigma))(jax.random.split(role(key, "noise"), num_particles))
         run = lambda th, u: truncation(th, task, make_opt, u, trunc_length, loss_cap, objective)
-        cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
-        thetas = cat(jax.vmap(lambda e: _add(theta, e))(eps), jax.vmap(lambda e: _add(theta, e, -1.0))(eps))
-        losses, both = jax.vmap(run)(thetas, cat(pos, neg))  # one program for both signs (half the compile)
-        n = num_particles
-        lp, ln = losses[:n], losses[n:]
-        pos, neg = jax.tree.map(lambda x: x[:n], both), jax.tree.map(lambda x: x[n:], both)
+        # Both signs in one program (half the compile), stacked on a new leading axis rather than
+        # concatenated: the particle axis stays axis 1, so a population split over devices stays split.
+        stack = lambda a, b: jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
+        thetas = stack(jax.vmap(lambda e: _add(theta, e))(eps), jax.vmap(lambda e: _add(theta, e, -1.0))(eps))
+        losses, both = jax.vmap(jax.vmap(run))(thetas, stack(pos, neg))
+        lp, ln = losses[0], losses[1]
+        pos, neg = jax.tree.map(lambda x: x[0], both), jax.tree.map(lambda x: x[1], both)
         new = dict(state, pos=pos, neg=neg)
         direction = eps
         if persistent:

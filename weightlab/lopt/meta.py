@@ -33,7 +33,7 @@ from .estimators import Estimator, es, pes, tbptt  # noqa: F401  (re-exported: l
 from .tasks import Family, Task, role
 
 __all__ = ["LearnedOptimizer", "learned", "MetaResult", "train", "run", "RunResult", "tune_lr", "compare",
-           "es", "pes", "tbptt"]
+           "es", "pes", "tbptt", "population_shardings"]
 
 
 class LearnedOptimizer(NamedTuple):
@@ -102,17 +102,54 @@ _DEFAULT_META_OPT = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3)
 _STEP_CACHE: dict = {}
 
 
-def _meta_step_fn(estimator: Estimator, task: Task, make: Callable, mopt):
-    """The jitted meta-step, cached per (estimator, task, optimizer, meta-optimizer) objects, so a
-    resumed or repeated ``train`` call does not compile again."""
-    ck = (id(estimator), id(task), id(make), id(mopt))
+def population_shardings(est_state: Any, mesh, axis="data") -> Any:
+    """NamedShardings for an estimator state (arrays or shapes) with its population split over mesh
+    ``axis``: every entry but the restart ``key`` is a stack over particles (leading axis); the rest,
+    like the meta-parameters, is replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def stacked(x):
+        return NamedSharding(mesh, P(axis, *([None] * (x.ndim - 1))))
+
+    return {k: (jax.tree.map(lambda x: NamedSharding(mesh, P()), v) if k == "key" else jax.tree.map(stacked, v))
+            for k, v in est_state.items()}
+
+
+def _check_population_mesh(estimator: Estimator, mesh, axis) -> None:
+    """Before any work: the axis exists and divides the population."""
+    from ..errors import ShardingError
+    from ..shard.rules import axis_size
+
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    unknown = [a for a in names if a not in mesh.shape]
+    if unknown:
+        raise ShardingError("population", f"unknown mesh axis '{unknown[0]}'; the mesh has axes "
+                                          f"{tuple(mesh.axis_names)}", axis=unknown[0])
+    n, m = estimator.config["num_particles"], axis_size(mesh, axis)
+    if n % m:
+        raise ShardingError("population", f"{n} particles do not split over mesh axis {axis!r} (size {m}); use a "
+                                          f"multiple of {m}", axis=axis)
+
+
+def _meta_step_fn(estimator: Estimator, task: Task, make: Callable, mopt, mesh=None, axis="data"):
+    """The jitted meta-step, cached per (estimator, task, optimizer, meta-optimizer, mesh) objects,
+    so a resumed or repeated ``train`` call does not compile again. With ``mesh`` the population is
+    constrained to be split over ``axis`` on the way in and out (the inner runs then execute on
+    their own devices; the meta-gradient is one all-reduce)."""
+    ck = (id(estimator), id(task), id(make), id(mopt), id(mesh), axis)
     if ck in _STEP_CACHE:
         return _STEP_CACHE[ck][0]
     if len(_STEP_CACHE) > 64:
         _STEP_CACHE.clear()
 
+    def on_mesh(est_state):
+        if mesh is None:
+            return est_state
+        return jax.lax.with_sharding_constraint(est_state, population_shardings(est_state, mesh, axis))
+
     def step(theta, mstate, est_state, key):
-        g, loss, est_state = estimator.grad(theta, est_state, task, make, key)
+        g, loss, est_state = estimator.grad(theta, on_mesh(est_state), task, make, key)
+        est_state = on_mesh(est_state)
         ok = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
         g = jax.tree.map(lambda x: jnp.where(ok, x, 0.0), g)
         upd, new_mstate = mopt.update(g, mstate, theta)
@@ -121,18 +158,22 @@ def _meta_step_fn(estimator: Estimator, task: Task, make: Callable, mopt):
         return pick(new_theta, theta), pick(new_mstate, mstate), est_state, loss, ~ok
 
     fn = jax.jit(step)
-    _STEP_CACHE[ck] = (fn, estimator, task, make, mopt)  # the objects stay alive, so their ids stay theirs
+    _STEP_CACHE[ck] = (fn, estimator, task, make, mopt, mesh)  # the objects stay alive, so their ids stay theirs
     return fn
 
 
 def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: int, key, meta_params=None,
           meta_optimizer: optax.GradientTransformation | None = None, checkpoint=None, checkpoint_every: int = 50,
-          progress: bool | Callable[[int, float], None] = False) -> MetaResult:
+          progress: bool | Callable[[int, float], None] = False, mesh=None,
+          population_axis: str | tuple = "data") -> MetaResult:
     """Meta-train ``lopt`` on ``tasks`` (a Task, a Family or a list) with ``estimator`` for
     ``meta_steps`` meta-steps. ``meta_params``: where to start (default ``lopt.init_meta``).
     ``meta_optimizer``: default ``chain(clip_by_global_norm(1), adam(3e-3))``. ``checkpoint``: a
     directory or :class:`~weightlab.io.CheckpointManager`; if it holds a step, training resumes there.
-    ``progress``: True for a tqdm bar, or ``fn(step, meta_loss)``."""
+    ``progress``: True for a tqdm bar, or ``fn(step, meta_loss)``. ``mesh``: split every population
+    (its inner runs: params, optimizer states, perturbations) over ``population_axis`` of this
+    ``jax.sharding.Mesh`` (a mesh over several processes' devices works the same); the
+    meta-parameters are replicated. Same results as one device up to the order of one reduction."""
     if not isinstance(lopt, LearnedOptimizer):
         raise UsageError(f"meta.train: lopt must be a LearnedOptimizer (meta.learned('small_fc')), got "
                          f"{type(lopt).__name__}")
@@ -143,11 +184,18 @@ def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: in
         raise UsageError(f"meta.train: meta_steps must be a positive int, got {meta_steps!r}")
     key = _typed_key(key)
     task_list = _task_list(tasks)
+    if mesh is not None:
+        _check_population_mesh(estimator, mesh, population_axis)
     mopt = meta_optimizer or _DEFAULT_META_OPT
     theta = lopt.init_meta(role(key, "meta_init")) if meta_params is None else meta_params
     jax.tree.map(lambda a, b: None, theta, lopt.init_meta(jax.random.key(0)))  # same structure as the architecture
     mstate = mopt.init(theta)
     inits = [jax.jit(lambda th, k, t=t: estimator.init(th, t, lopt.make, k)) for t in task_list]
+    if mesh is not None:  # born split over the devices (a population never sits whole on one device)
+        inits = [jax.jit(lambda th, k, t=t: estimator.init(th, t, lopt.make, k),
+                         out_shardings=population_shardings(jax.eval_shape(
+                             lambda th, k, t=t: estimator.init(th, t, lopt.make, k), theta, jax.random.key(0)),
+                             mesh, population_axis)) for t in task_list]
     init_state = lambda i, th: inits[i](th, jax.random.fold_in(role(key, "population"), i))
     states: dict[str, Any] = {}  # a population per task config, created when the config is first drawn
     hist = {"meta_loss": np.full(meta_steps, np.nan, np.float32), "task": np.full(meta_steps, -1, np.int32),
@@ -172,7 +220,11 @@ def train(lopt: LearnedOptimizer, tasks, estimator: Estimator, *, meta_steps: in
                 n = min(len(v), meta_steps)
                 hist[k][:n] = np.asarray(v)[:n]
             start = resumed
-        steps = [_meta_step_fn(estimator, t, lopt.make, mopt) for t in task_list]
+        if mesh is not None:  # replicated on the mesh (meta_params committed to one device would not mix)
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            theta, mstate = jax.device_put((theta, mstate), NamedSharding(mesh, P()))
+        steps = [_meta_step_fn(estimator, t, lopt.make, mopt, mesh, population_axis) for t in task_list]
         bar = None
         if progress is True:
             from tqdm.auto import tqdm
