@@ -119,3 +119,43 @@ def test_kernel_fallback_where_a_platform_cannot_take_the_blocks(monkeypatch):
     monkeypatch.setattr(dm, "supports_platform", lambda p, platform=None: p.block_k % 128 == 0)  # TPU's answer
     x = jax.random.normal(jax.random.key(1), (3, 256))
     np.testing.assert_allclose(quant.dot(x, q, use_kernel=True), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+# --- the folder's bare name -------------------------------------------------------------------
+# kernels/ is installed as weightlab.kernels, but a Python started in the repository root sees it
+# as a top-level `kernels`, the name of Hugging Face's package that transformers >= 5 imports at
+# start-up (CI broke on exactly this with transformers 5.25).
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _run_in_root(code, *flags):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bare_kernels_name_in_the_repository_root_is_the_installed_package():
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("Hugging Face kernels/transformers not installed")
+    code = ("import sys, os; assert sys.path[0] == '';"
+            "import kernels, weightlab.kernels as wk, transformers;"
+            "assert hasattr(kernels, 'CUDAProperties'), kernels.__file__;"
+            "assert not kernels.__file__.startswith(os.getcwd() + '/kernels'), kernels.__file__;"
+            "assert wk.__file__.startswith(os.getcwd() + '/kernels'), wk.__file__;"
+            "from weightlab.kernels.dequant_matmul import dequant_matmul;"
+            "transformers.BertModel; print('ok')")
+    r = _run_in_root(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_bare_kernels_name_without_the_installed_package_stays_empty():
+    # -S: no site-packages, so no Hugging Face `kernels`; the folder then imports as an empty,
+    # version-less package (what transformers' check reads as "not usable"), without error.
+    r = _run_in_root("import sys; sys.path.insert(0, ''); import kernels;"
+                     "print(getattr(kernels, '__version__', 'N/A'), hasattr(kernels, 'CUDAProperties'))", "-S")
+    assert r.returncode == 0 and r.stdout.split() == ["N/A", "False"], r.stderr[-3000:]
