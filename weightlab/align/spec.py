@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from .. import tree as wtree
 from ..errors import AlignError, SpecError
@@ -336,21 +337,37 @@ def _take(x, axis: int, idx, path: str):
     return jnp.take(x, idx, axis=axis)
 
 
-def permute(spec: Spec, perms: Mapping[str, Any], params: Any) -> Any:
+def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rules=None) -> Any:
     """``params`` with every axis the spec labels reordered by ``perms`` (groups absent from
     ``perms`` stay put). QArray leaves are permuted in their packed form (codes, scales, zeros,
     tables; a grouped input axis becomes an act-order layout) without dequantizing. Works under
-    ``jit``. Errors (:class:`SpecError`, :class:`AlignError`) name the leaf before any work."""
+    ``jit``. Errors (:class:`SpecError`, :class:`AlignError`) name the leaf before any work.
+
+    With ``mesh`` and ``rules`` (the sharding rules the params are laid out by, as for
+    :func:`weightlab.shard.jit`), an array whose permuted axis the rules split over devices is
+    reordered by :func:`weightlab.shard.permute.take`, a ring of neighbour exchanges, instead of
+    XLA's gather of the whole weight on every device (QArray leaves still take XLA's path)."""
     check_is_spec(spec)
     check_perms(spec, perms)
     pairs, treedef = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)
     shapes = {p: tuple(x.shape) if wtree.is_atomic(x) else tuple(np.shape(x)) for p, x in pairs}
     validate_leaves(spec, shapes)
+    specs = {}
+    if mesh is not None:
+        from ..shard import partition_specs
+        from ..shard.permute import take as ring_take
+
+        specs = dict(wtree.flatten_with_paths(partition_specs(params, rules or (), mesh),
+                                              is_leaf=lambda v: v is None or isinstance(v, P))[0])
     out = []
     for p, x in pairs:
         for a, fs in enumerate(spec.axes.get(p, ())):
             idx = axis_index(spec, fs, perms, shapes[p][a])
-            if idx is not None:
+            if idx is None:
+                continue
+            if isinstance(specs.get(p), P) and not wtree.is_atomic(x):
+                x = ring_take(jnp.asarray(x), idx, a, mesh, specs[p], path=p)
+            else:
                 x = _take(x, a, idx, p)
         out.append(x)
     return treedef.unflatten(out)

@@ -8,6 +8,8 @@
 * :mod:`.hlo`: which collectives a compiled sharded program runs, and which run inside loops.
 * :mod:`.state`: optimizer/transform state sharded like the parameter each accumulator belongs to
   (:func:`init`).
+* :mod:`.permute`: :func:`~.permute.take` reorders an axis split over devices by a ring of
+  neighbour exchanges instead of gathering the weight (alignment's ``permute(mesh=, rules=)``).
 * :mod:`.plan`: per-device memory of each pillar's job planned from shapes (docs/scale.md).
 * :mod:`.run`: :func:`jit` runs any WeightTransform under ``jax.jit`` with in/out shardings from the
   rules, so results come back sharded as the rules say.
@@ -21,6 +23,7 @@ from .defaults import FAMILY_RULES, batch_sharding, default_rules, shard_batch  
 from .qarray import qarray_specs  # noqa: F401
 from .rules import (axis_size, bytes_per_device, explain, make_mesh, named_shardings, normalize_spec,  # noqa: F401
                     partition_specs, shard, shardings)
+from . import permute  # noqa: F401
 from .run import jit  # noqa: F401
 from .state import init, state_shardings  # noqa: F401
 
