@@ -344,7 +344,7 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
     ``jit``. Errors (:class:`SpecError`, :class:`AlignError`) name the leaf before any work.
 
     With ``mesh`` and ``rules`` (the sharding rules the params are laid out by, as for
-    :func:`weightlab.shard.jit`), an array whose permuted axis the rules split over devices is
+    :func:`weightlab.shard.jit`; ``rules=None`` means its default rules), an array whose permuted axis the rules split over devices is
     reordered by :func:`weightlab.shard.permute.take`, a ring of neighbour exchanges, instead of
     XLA's gather of the whole weight on every device (QArray leaves still take XLA's path)."""
     check_is_spec(spec)
@@ -354,10 +354,12 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
     validate_leaves(spec, shapes)
     specs = {}
     if mesh is not None:
-        from ..shard import partition_specs
+        from ..shard import default_rules, partition_specs
         from ..shard.permute import take as ring_take
 
-        specs = dict(wtree.flatten_with_paths(partition_specs(params, rules or (), mesh),
+        ind = "replicate" if rules is None else "error"  # as shard.jit: defaults skip what does not divide
+        rules = default_rules(params) if rules is None else rules
+        specs = dict(wtree.flatten_with_paths(partition_specs(params, rules, mesh, indivisible=ind),
                                               is_leaf=lambda v: v is None or isinstance(v, P))[0])
     out = []
     for p, x in pairs:

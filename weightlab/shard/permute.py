@@ -1,12 +1,12 @@
 """Reorder a sharded axis without gathering it: a ring of neighbour exchanges.
 
-``jnp.take(w, idx, axis)`` on an axis that is split over mesh devices makes XLA all-gather the
-whole weight on every device first (tested in tests/test_shard.py), so each device briefly holds
-the full tensor: for the largest weights of a 70B model that is the memory the sharding was meant
+``jnp.take(w, idx, axis)`` on an axis that is split over mesh devices makes XLA bring the whole
+weight to every device first (an all-gather, or on CPU a full-size all-reduce; see
+tests/test_shard_permute.py), so each device briefly holds the full tensor: for the largest weights of a 70B model that is the memory the sharding was meant
 to save. :func:`take` instead passes the blocks of that axis around the ring of devices that split
 it (``D - 1`` ``collective-permute`` steps inside one loop); at each step every device copies the
-rows it needs out of the block it is holding. Each device holds at most three blocks at a time
-(its own output, the visiting block and the next one), and the bytes moved per device are those of
+rows it needs out of the block it is holding. Besides its input and output block, each device holds two
+blocks of scratch (the visiting one and the next; measured with ``memory_analysis``), and the bytes moved per device are those of
 an all-gather, ``(D - 1) / D`` of the weight. It is exact (a copy, no arithmetic), for any index,
 and other sharded axes of the weight stay sharded.
 
