@@ -8,8 +8,10 @@ transformers >= 5 imports at start-up. Our folder is installed as ``weightlab.ke
 Python started in the repository root (``python -m pytest``, a notebook, ``python -c``) has the root
 on ``sys.path`` and would find this folder first under the bare name, breaking ``import
 transformers``. When imported under the bare name, this module therefore hands the import over to
-the installed ``kernels`` distribution when there is one. (Without one it stays this empty,
-version-less package, which transformers' availability check reads as "not usable".)
+the first ``kernels`` package on ``sys.path`` that is not a copy of this folder (the repository
+root may be on the path under several spellings, or another checkout with it). Without one it
+stays this empty, version-less package, which transformers' availability check reads as "not
+usable".
 """
 
 if __name__ == "kernels":  # imported as a top-level package: the repository root is on sys.path
@@ -18,10 +20,17 @@ if __name__ == "kernels":  # imported as a top-level package: the repository roo
     import os as _os
     import sys as _sys
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
-    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is not None and _spec.loader is not None:
+    def _ours(spec) -> bool:  # a copy of this folder (another checkout, or this one by another path)
+        return spec.origin is not None and _os.path.exists(
+            _os.path.join(_os.path.dirname(spec.origin), "dequant_matmul.py"))
+
+    _spec = None
+    for _entry in _sys.path:
+        _found = _machinery.PathFinder.find_spec("kernels", [_entry])
+        if _found is not None and _found.loader is not None and not _ours(_found):
+            _spec = _found
+            break
+    if _spec is not None:
         _real = _util.module_from_spec(_spec)
         _sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds
         _spec.loader.exec_module(_real)

@@ -1,5 +1,7 @@
 """Pallas dequant-matmul kernel (interpret mode on CPU) against its jnp reference, on random data."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,19 @@ def test_bare_kernels_name_without_the_installed_package_stays_empty():
     r = _run_in_root("import sys; sys.path.insert(0, ''); import kernels;"
                      "print(getattr(kernels, '__version__', 'N/A'), hasattr(kernels, 'CUDAProperties'))", "-S")
     assert r.returncode == 0 and r.stdout.split() == ["N/A", "False"], r.stderr[-3000:]
+
+
+def test_bare_kernels_name_with_the_root_on_the_path_twice_does_not_recurse(tmp_path):
+    """The root under two spellings (a symlink and the real path), or a second checkout on the path:
+    each copy of the folder must skip the others, not hand over to them (RecursionError)."""
+    import importlib.util
+
+    if importlib.util.find_spec("kernels") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("Hugging Face kernels/transformers not installed")
+    root = Path(ROOT).resolve()
+    (tmp_path / "link").symlink_to(root)
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path / 'link')!r}, {str(root)!r}];"
+            "import kernels, transformers; assert hasattr(kernels, 'CUDAProperties'), kernels.__file__;"
+            "transformers.BertModel; print('ok')")
+    r = _run_in_root(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

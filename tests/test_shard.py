@@ -318,3 +318,21 @@ def test_alignment_on_the_mesh_equals_one_device(mesh):
     # dense_0's permuted axis (its outputs) is unsharded under these rules: permuting it is local
     f = jax.jit(lambda w, p: jnp.take(w, p, axis=1))
     assert hlo.collectives(hlo.compiled_text(f, a_sh["dense_0"]["kernel"], jnp.arange(32))) == {}
+
+
+def test_factored_state_of_a_square_matrix_follows_rows_and_columns_by_name(mesh):
+    """A (n, n) weight split (rows over "data", columns over "model"): its row factors (optax
+    adafactor's v_row, small_fc's row) take the rows' spec, its column factors the columns'."""
+    import optax
+
+    from weightlab import lopt
+
+    p = {"w": jax.random.normal(jax.random.key(0), (16, 16)), "v": jax.random.normal(jax.random.key(1), (16, 8))}
+    rules = [("w", P("data", "model")), ("v", P("data", "model"))]
+    st = ws.init(lopt.transform("small_fc"), p, mesh, rules)
+    assert st.row["w"].sharding.spec == P("data") and st.col["w"].sharding.spec == P("model")
+    assert st.row["v"].sharding.spec == P("data") and st.col["v"].sharding.spec == P("model")
+    ada = ws.init(optax.adafactor(1e-3, min_dim_size_to_factor=4), p, mesh, rules)
+    fac = next(s for s in jax.tree.leaves(ada, is_leaf=lambda s: hasattr(s, "v_row")) if hasattr(s, "v_row"))
+    assert fac.v_row["w"].shape == (16,) and fac.v_row["w"].sharding.spec == P("data")
+    assert fac.v_col["w"].sharding.spec == P("model")

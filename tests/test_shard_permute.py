@@ -21,7 +21,8 @@ def mesh():
 
 
 CASES = [((32, 12), P("model", None), 0), ((12, 32), P(None, "model"), 1), ((32, 16), P(("data", "model"), None), 0),
-         ((32, 16), P("model", "data"), 0), ((8, 32, 6), P(None, "model", None), 1), ((64,), P("data"), 0)]
+         ((32, 16), P("model", "data"), 0), ((8, 32, 6), P(None, "model", None), 1), ((64,), P("data"), 0),
+         ((32, 16), P(("model", "data"), None), 0), ((16, 32), P(None, ("model", "data")), 1)]
 
 
 @pytest.mark.parametrize("shape,spec,axis", CASES, ids=[f"{s}-{p}-{a}" for s, p, a in CASES])
@@ -38,6 +39,39 @@ def test_ring_take_equals_take_keeps_the_layout_and_never_gathers(mesh, shape, s
     # a non-permutation index (repeats) is a gather like any other
     rep = jnp.zeros(shape[axis], jnp.int32).at[1::2].set(shape[axis] - 1)
     np.testing.assert_array_equal(np.asarray(f(xs, rep)), np.asarray(jnp.take(x, rep, axis=axis)))
+
+
+def test_ring_take_with_mesh_axes_in_any_order_on_a_three_axis_mesh():
+    """A spec entry naming several mesh axes out of the mesh's order: the blocks' order (axis_index)
+    and ppermute's ring (device order) differ; every ordering must still give jnp.take."""
+    import itertools
+
+    mesh3 = ws.make_mesh((2, 2, 2), ("x", "y", "z"))
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    idx = jax.random.permutation(jax.random.key(1), 16)
+    for k in (2, 3):
+        for names in itertools.permutations(("x", "y", "z"), k):
+            spec = P(names, None)
+            xs = jax.device_put(x, NamedSharding(mesh3, spec))
+            y = jax.jit(lambda v, i, spec=spec: take(v, i, 0, mesh3, spec))(xs, idx)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.take(x, idx, axis=0)), err_msg=str(names))
+
+
+def test_ring_take_indices_like_jnp_take_and_bad_ones_refused(mesh):
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    xs = jax.device_put(x, NamedSharding(mesh, P("model", None)))
+    neg = -1 - jnp.arange(16)  # negative entries count from the end, on split and unsplit axes alike
+    np.testing.assert_array_equal(np.asarray(take(xs, neg, 0, mesh, P("model", None))), np.asarray(jnp.take(x, neg, axis=0)))
+    np.testing.assert_array_equal(np.asarray(take(xs, [3, 2, 1, 0], 1, mesh, P("model", None))), np.asarray(x[:, ::-1]))
+    with pytest.raises(ShardingError, match="index values must lie in \\[-16, 16\\).*found \\[1, 16\\]"):
+        take(xs, jnp.arange(1, 17), 0, mesh, P("model", None), path="w")
+    with pytest.raises(ShardingError, match="must hold integers, found dtype float32"):
+        take(xs, jnp.arange(16.0), 0, mesh, P("model", None))
+    with pytest.raises(ShardingError, match="axis 2 out of range for an array of rank 2"):
+        take(xs, jnp.arange(16), 2, mesh, P("model", None))
+    # the unsplit path returns the spec's layout too
+    y = take(jax.device_put(x, jax.devices()[0]), jnp.arange(4)[::-1], 1, mesh, P("model", None))
+    assert y.sharding.is_equivalent_to(NamedSharding(mesh, P("model", None)), 2), y.sharding
 
 
 def test_ring_take_holds_blocks_where_xla_holds_the_whole_weight(mesh):
@@ -83,3 +117,73 @@ def test_align_permute_with_mesh_and_rules_equals_one_device_without_gathering(m
     # the same permutation without mesh= is XLA's gather: a collective over whole weights
     g = jax.jit(lambda p, pr: align.permute(spec, pr, p))
     assert set(hlo.collectives(hlo.compiled_text(g, sh, perms))) - {"collective-permute"}
+
+
+@pytest.mark.parametrize("method,hp", [("rtn", dict(bits=4, group_size=8)), ("rtn", dict(bits=8, group_size=0)),
+                                       ("any4", dict(group_size=8))], ids=["int4-g8", "int8-channel", "any4-g8"])
+def test_align_permute_moves_sharded_qarrays_by_the_ring(mesh, method, hp):
+    """QArray leaves on split axes: every child the weight's spec splits along the permuted axis
+    (packed codes, scales, zeros, any4 tables; unpacked codes on the group axis) goes round the
+    ring; the result dequantizes to the one-device result bit for bit, keeps the children's layout
+    and the program's only collective is the neighbour exchange."""
+    from weightlab import quant
+
+    m = models.mlp(jax.random.key(0), hidden=(32, 16))
+    spec = align.infer_spec(m.apply_fn, m.params, jax.random.normal(jax.random.key(1), (8, 40)))
+    perms = dict(align.random_perms(spec, jax.random.key(5)))
+    q = quant.quantize(m.params, method, select=r"dense_1/kernel|head/kernel", **hp)
+    # dense_1/kernel (32, 16): its inputs (the group axis, hidden 0's units) and outputs (hidden 1's) split
+    rules = [("dense_0/kernel", P(None, "model")), ("dense_0/bias", P("model")),
+             ("dense_1/kernel", P("model", "data")), ("dense_1/bias", P("data")), ("head/kernel", P("data", None))]
+    sh = ws.shard(q, mesh, rules)
+    f = jax.jit(lambda p, pr: align.permute(spec, pr, p, mesh=mesh, rules=rules))
+    out = f(sh, perms)
+    want = align.permute(spec, perms, q)
+    from weightlab import tree as wtree
+
+    for a, b in zip(jax.tree.leaves(out, is_leaf=wtree.is_atomic), jax.tree.leaves(want, is_leaf=wtree.is_atomic)):
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(a)), np.asarray(quant.dequantize(b)))
+    for path in ("dense_1", "head"):  # every child keeps its layout (a grouped K axis gains a g_idx)
+        for name in ("codes", "scale", "zero", "lut"):
+            x, y = getattr(out[path]["kernel"], name), getattr(sh[path]["kernel"], name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (path, name, x.sharding, y.sharding)
+    assert out["dense_1"]["kernel"].codes.sharding.spec == P("model", "data")
+    assert set(hlo.collectives(hlo.compiled_text(f, sh, perms))) == {"collective-permute"}
+
+
+def test_under_shard_jit_alignment_permutes_by_the_ring_without_being_told(mesh):
+    """A transform traced by shard.jit sees its mesh and rules (shard.run.current), so align.permute
+    inside it takes the ring on split axes with no mesh= of its own."""
+    import weightlab as wl
+    from weightlab.shard import run
+
+    m = models.mlp(jax.random.key(0), hidden=(32, 16))
+    spec = align.infer_spec(m.apply_fn, m.params, jax.random.normal(jax.random.key(1), (8, 40)))
+    perms = dict(align.random_perms(spec, jax.random.key(5)))
+    rules = [("dense_0/kernel", P(None, "model")), ("dense_0/bias", P("model")), ("dense_1/kernel", P("model", None))]
+    sh = ws.shard(m.params, mesh, rules)
+    assert run.current() is None
+    seen = []
+
+    def permute(p, perms):
+        seen.append(run.current())
+        return align.permute(spec, perms, p)
+
+    out = wl.apply_once(ws.jit(wl.stateless(permute), mesh, rules), sh, perms=perms)
+    assert seen and all(s is not None and s[0] is mesh and s[1] is rules for s in seen)
+    assert run.current() is None  # reset after the trace
+    want = align.permute(spec, perms, m.params)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the program shard.jit compiles: the same as under the context it sets
+    with run._active(mesh, rules, "error"):
+        text = hlo.compiled_text(jax.jit(lambda p, pr: align.permute(spec, pr, p)), sh, perms)
+    assert set(hlo.collectives(text)) == {"collective-permute"}
+    # matching itself runs on the host (LAP solvers, convergence loops): under shard.jit it is refused
+    # by name; it is called on the sharded params outside jit (test_shard.py) and only the permutation jitted
+    from weightlab.errors import AlignError
+
+    with pytest.raises(AlignError, match="is traced: matching runs on the host"):
+        wl.apply_once(ws.jit(align.transform("weight_matching", spec), mesh, rules), sh, reference=sh)

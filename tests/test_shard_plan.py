@@ -63,3 +63,19 @@ def test_plan_for_a_1b_llama_on_8_64_256_devices_runs_from_shapes_alone():
                                 jobs=("params", "merge-3"))
         totals.append(rows[0]["bytes_per_device"])
     assert totals[0] > 7.9 * totals[1] and totals[1] > 3.9 * totals[2]  # FSDP x TP divides the model
+
+
+def test_hessians_are_grouped_per_layer_for_llama_bert_and_flax_names():
+    """GPTQ's Hessians: one per distinct matmul input and layer, whatever the naming: Q/K/V share
+    one, gate/up another; K from the (out, in) ``weight`` or the (in, out) flax ``kernel``."""
+    from weightlab.shard.plan import _hessian_groups
+
+    S = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    shapes = {"model.layers.0.self_attn.q_proj.weight": S(64, 32), "model.layers.0.self_attn.k_proj.weight": S(16, 32),
+              "model.layers.0.self_attn.o_proj.weight": S(32, 64), "model.layers.0.mlp.up_proj.weight": S(128, 32),
+              "model.layers.0.mlp.gate_proj.weight": S(128, 32), "model.layers.0.mlp.down_proj.weight": S(32, 128),
+              "encoder/layer_2/attn/query/kernel": S(24, 24), "encoder/layer_2/attn/value/kernel": S(24, 24),
+              "encoder/layer_2/attn/out/kernel": S(24, 24), "encoder/layer_2/mlp/up/kernel": S(24, 96),
+              "encoder/layer_2/mlp/down/kernel": S(96, 24), "h.3.attn.c_proj.weight": S(8, 40), "lm_head.weight": S(100, 32)}
+    g = _hessian_groups(shapes, lambda p, x: True)
+    assert g == {"model.layers.0": [32, 64, 32, 128], "encoder.layer_2": [24, 24, 24, 96], "h.3": [40], "": [32]}

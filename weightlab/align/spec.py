@@ -329,12 +329,23 @@ def axis_index(spec: Spec, factors: tuple, perms: Mapping[str, Any], size: int):
     return flat.reshape(size)
 
 
-def _take(x, axis: int, idx, path: str):
+def _take(x, axis: int, idx, path: str, mesh=None, spec=None):
+    """Gather ``x`` (an array or a QArray) along ``axis``; with ``mesh`` and the leaf's ``spec`` (a
+    ``PartitionSpec``, or for a QArray a QArray of its children's specs) by the ring exchange wherever
+    the gathered axis is split over devices."""
+    if mesh is None or spec is None:
+        ring = None
+    else:
+        from ..shard.permute import take as ring_take
+
+        def ring(v, ax, i, name=None):
+            s = spec if name is None else getattr(spec, name)
+            return ring_take(jnp.asarray(v), i, ax, mesh, s, path=path if name is None else f"{path}/{name}")
     if wtree.is_atomic(x):
         from ..quant.permute import permute_qarray
 
-        return permute_qarray(x, axis, idx)
-    return jnp.take(x, idx, axis=axis)
+        return permute_qarray(x, axis, idx, take=ring)
+    return jnp.take(x, idx, axis=axis) if ring is None else ring(x, axis, idx)
 
 
 def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rules=None) -> Any:
@@ -344,33 +355,35 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
     ``jit``. Errors (:class:`SpecError`, :class:`AlignError`) name the leaf before any work.
 
     With ``mesh`` and ``rules`` (the sharding rules the params are laid out by, as for
-    :func:`weightlab.shard.jit`; ``rules=None`` means its default rules), an array whose permuted axis the rules split over devices is
+    :func:`weightlab.shard.jit`; ``rules=None`` means its default rules; both are taken from the
+    ``shard.jit`` being traced when neither is given), an array whose permuted axis the rules split over devices is
     reordered by :func:`weightlab.shard.permute.take`, a ring of neighbour exchanges, instead of
-    XLA's gather of the whole weight on every device (QArray leaves still take XLA's path)."""
+    XLA's gather of the whole weight on every device; for QArray leaves the same holds for each
+    child (codes, scales, zeros ...) that the weight's spec splits along the permuted axis."""
     check_is_spec(spec)
     check_perms(spec, perms)
     pairs, treedef = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)
     shapes = {p: tuple(x.shape) if wtree.is_atomic(x) else tuple(np.shape(x)) for p, x in pairs}
     validate_leaves(spec, shapes)
     specs = {}
+    ind = "replicate" if rules is None else "error"  # as shard.jit: defaults skip what does not divide
+    if mesh is None and rules is None:
+        from ..shard.run import current
+
+        mesh, rules, ind = current() or (None, None, ind)  # traced under shard.jit: its mesh and rules
     if mesh is not None:
         from ..shard import default_rules, partition_specs
-        from ..shard.permute import take as ring_take
 
-        ind = "replicate" if rules is None else "error"  # as shard.jit: defaults skip what does not divide
         rules = default_rules(params) if rules is None else rules
         specs = dict(wtree.flatten_with_paths(partition_specs(params, rules, mesh, indivisible=ind),
-                                              is_leaf=lambda v: v is None or isinstance(v, P))[0])
+                                              is_leaf=lambda v: v is None or isinstance(v, P) or wtree.is_atomic(v))[0])
     out = []
     for p, x in pairs:
         for a, fs in enumerate(spec.axes.get(p, ())):
             idx = axis_index(spec, fs, perms, shapes[p][a])
             if idx is None:
                 continue
-            if isinstance(specs.get(p), P) and not wtree.is_atomic(x):
-                x = ring_take(jnp.asarray(x), idx, a, mesh, specs[p], path=p)
-            else:
-                x = _take(x, a, idx, p)
+            x = _take(x, a, idx, p, mesh, specs.get(p))
         out.append(x)
     return treedef.unflatten(out)
 

@@ -54,9 +54,15 @@ from .qarray import QArray, is_qarray
 __all__ = ["permute_qarray"]
 
 
-def permute_qarray(q: QArray, axis: int, index) -> QArray:
+def permute_qarray(q: QArray, axis: int, index, *, take=None) -> QArray:
     """``q`` with axis ``axis`` gathered by ``index``: ``permute_qarray(q, a, i).dequantize()`` equals
-    ``jnp.take(q.dequantize(), i, axis=a)`` bit for bit. Works under ``jit`` with ``index`` traced."""
+    ``jnp.take(q.dequantize(), i, axis=a)`` bit for bit. Works under ``jit`` with ``index`` traced.
+
+    ``take(x, axis, idx, name)`` replaces ``jnp.take`` for the children named ``name`` (``"codes"``,
+    for the group axis the unpacked codes; ``"scale"``, ``"zero"``, ``"tensor_scale"``, ``"lut"``,
+    ``"pre"``, ``"lr_a"``, ``"g_idx"``): :func:`weightlab.align.permute` passes the ring exchange of
+    :mod:`weightlab.shard.permute` for children split over devices. ``lr_b`` (gathered through a
+    reshape) always uses ``jnp.take``."""
     if not is_qarray(q):
         raise QuantizationError(f"permute_qarray needs a QArray, got {type(q).__name__}")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -q.ndim <= axis < q.ndim:
@@ -64,9 +70,12 @@ def permute_qarray(q: QArray, axis: int, index) -> QArray:
     axis = int(axis) % q.ndim
     idx = _index(index, q, axis)
     if np.ndim(q.codes) > q.ndim:  # a stack of QArrays: same index for every slice
+        if take is not None:
+            raise QuantizationError("permute_qarray: take= is not supported for a stack of QArrays")
         return jax.vmap(lambda x: permute_qarray(x, axis, idx))(q)
     _check_children(q)
-    return _along_group_axis(q, idx) if axis == q.axis else _across(q, axis, idx)
+    take = take or (lambda x, ax, i, name: jnp.take(x, i, axis=ax))
+    return _along_group_axis(q, idx, take) if axis == q.axis else _across(q, axis, idx, take)
 
 
 def _index(index, q: QArray, axis: int):
@@ -109,39 +118,39 @@ def _check_children(q: QArray) -> None:
             _refuse(q, f"low-rank factors lr_a {a}, lr_b {b} do not have the (K, r), (r, {rest}) layout")
 
 
-def _take(x, child_axis: int, n: int, idx, q: QArray, name: str):
+def _take(x, child_axis: int, n: int, idx, q: QArray, name: str, take):
     """Gather a child along ``child_axis`` if it has the full length ``n`` there; size 1 broadcasts."""
     size = np.shape(x)[child_axis]
     if size == n:
-        return jnp.take(x, idx, axis=child_axis)
+        return take(x, child_axis, idx, name)
     if size == 1:
         return x
     _refuse(q, f"its {name} {tuple(np.shape(x))} has length {size} on the permuted axis (expected {n} or 1)")
 
 
-def _grouped_child(x, axis: int, n: int, idx, q: QArray, name: str):
+def _grouped_child(x, axis: int, n: int, idx, q: QArray, name: str, take):
     """scale / zero / tensor_scale: grouped layout (ndim + 1), array layout (per tensor) or a scalar."""
     if x is None or np.ndim(x) == 0:
         return x
     if np.ndim(x) == q.ndim + 1:
-        return _take(x, axis + (axis > q.axis), n, idx, q, name)
+        return _take(x, axis + (axis > q.axis), n, idx, q, name, take)
     if np.ndim(x) == q.ndim:
-        return _take(x, axis, n, idx, q, name)
+        return _take(x, axis, n, idx, q, name, take)
     _refuse(q, f"its {name} has shape {tuple(np.shape(x))}, neither grouped nor per-tensor")
 
 
-def _across(q: QArray, axis: int, idx) -> QArray:
+def _across(q: QArray, axis: int, idx, take) -> QArray:
     """Permute an axis other than the group axis: every child is gathered where it has that axis."""
     n = q.shape[axis]
     if np.ndim(q.codes) != q.ndim or np.shape(q.codes)[axis] != n:
         _refuse(q, f"codes {tuple(np.shape(q.codes))} are not packed along axis {q.axis} only")
-    new = {"codes": jnp.take(q.codes, idx, axis=axis)}
+    new = {"codes": take(q.codes, axis, idx, "codes")}
     for name in ("scale", "zero", "tensor_scale"):
-        new[name] = _grouped_child(getattr(q, name), axis, n, idx, q, name)
+        new[name] = _grouped_child(getattr(q, name), axis, n, idx, q, name, take)
     if q.lut is not None:
         if np.ndim(q.lut) != q.ndim:
             _refuse(q, f"its lut {tuple(np.shape(q.lut))} is not in the array layout")
-        new["lut"] = _take(q.lut, axis, n, idx, q, "lut")
+        new["lut"] = _take(q.lut, axis, n, idx, q, "lut", take)
     if q.lr_b is not None:  # (r, prod(rest)), rest = shape without the group axis, in order
         rest = tuple(s for i, s in enumerate(q.shape) if i != q.axis)
         b = q.lr_b.reshape((q.lr_b.shape[0],) + rest)
@@ -149,21 +158,21 @@ def _across(q: QArray, axis: int, idx) -> QArray:
     return q.replace(**new)
 
 
-def _along_group_axis(q: QArray, idx) -> QArray:
+def _along_group_axis(q: QArray, idx, take) -> QArray:
     """Permute the group axis K (see the module docstring for the three layouts)."""
     a, k, g = q.axis, q.shape[q.axis], q.group_size
     new = {}
     if q.lr_a is not None:
-        new["lr_a"] = jnp.take(q.lr_a, idx, axis=0)
+        new["lr_a"] = take(q.lr_a, 0, idx, "lr_a")
     if q.pre is not None and np.ndim(q.pre) == 2:  # W = P D: (P D)[idx] = P[idx] D
-        new["pre"] = jnp.take(q.pre, idx, axis=0)
+        new["pre"] = take(q.pre, 0, idx, "pre")
         return q.replace(**new)
     if q.pre is not None:  # W = p * D: (p * D)[idx] = p[idx] * D[idx]
-        new["pre"] = jnp.take(q.pre, idx, axis=0)
+        new["pre"] = take(q.pre, 0, idx, "pre")
     codes = unpack(q.codes, q.fmt.bits, k, a)
-    new["codes"] = pack(jnp.take(codes, idx, axis=a), q.fmt.bits, a).astype(q.codes.dtype)
+    new["codes"] = pack(take(codes, a, idx, "codes"), q.fmt.bits, a).astype(q.codes.dtype)
     if q.g_idx is not None:
-        new["g_idx"] = jnp.take(q.g_idx, idx, axis=0)
+        new["g_idx"] = take(q.g_idx, 0, idx, "g_idx")
     elif 0 < g < k:  # contiguous groups become an act-order layout
         for name in ("scale", "zero"):
             x = getattr(q, name)

@@ -7,17 +7,20 @@ to save. :func:`take` instead passes the blocks of that axis around the ring of 
 it (``D - 1`` ``collective-permute`` steps inside one loop); at each step every device copies the
 rows it needs out of the block it is holding. Besides its input and output block, each device holds two
 blocks of scratch (the visiting one and the next; measured with ``memory_analysis``), and the bytes moved per device are those of
-an all-gather, ``(D - 1) / D`` of the weight. It is exact (a copy, no arithmetic), for any index,
-and other sharded axes of the weight stay sharded.
+an all-gather, ``(D - 1) / D`` of the weight. It is exact (a copy, no arithmetic) for any in-range
+index (repeats included; negative entries count from the end), and other sharded axes of the
+weight stay sharded. A spec entry may name several mesh axes in any order (``("model", "data")``
+on a ``("data", "model")`` mesh): each block carries its owner's number round the ring.
 
-This is what :func:`weightlab.align.permute` uses when given ``mesh=`` and ``rules=``.
+This is what :func:`weightlab.align.permute` uses when given ``mesh=`` (or run by ``shard.jit``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import ShardingError
 from .rules import _axes, axis_size, normalize_spec
@@ -25,28 +28,55 @@ from .rules import _axes, axis_size, normalize_spec
 __all__ = ["take"]
 
 
+def _check_index(idx, n: int, axis: int, path: str, shape) -> jax.Array:
+    """``idx`` as int32 with negative entries counted from the end (as ``jnp.take``); checked for
+    shape and dtype always, and for range when it is concrete (a traced index is clamped)."""
+    if isinstance(idx, (list, tuple, range)):
+        idx = np.asarray(idx)
+    if np.shape(idx) != (n,):
+        raise ShardingError(path, f"index of shape {tuple(np.shape(idx))} for axis {axis} of length {n}; "
+                                  f"expected ({n},)", shape=shape)
+    dtype = getattr(idx, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ShardingError(path, f"index for axis {axis} must hold integers, found dtype {dtype}", shape=shape)
+    if not isinstance(idx, jax.core.Tracer):
+        host = np.asarray(idx)
+        if host.size and (host.min() < -n or host.max() >= n):
+            raise ShardingError(path, f"index values must lie in [-{n}, {n}) for axis {axis} of length {n}, "
+                                      f"found [{host.min()}, {host.max()}]", shape=shape)
+    idx = jnp.asarray(idx).astype(jnp.int32)
+    return jnp.clip(jnp.where(idx < 0, idx + n, idx), 0, max(n - 1, 0))
+
+
 def take(x: jax.Array, idx: jax.Array, axis: int, mesh: Mesh, spec=None, *, path: str = "") -> jax.Array:
     """``jnp.take(x, idx, axis=axis)`` for ``x`` laid out on ``mesh`` by ``spec`` (a
-    ``PartitionSpec``; ``None``: replicated), returned with the same layout. ``idx`` must be a
-    permutation-sized index (``len(idx) == x.shape[axis]``, values in range; it is not checked
-    under ``jit``). When ``spec`` does not split ``axis`` this is the plain local ``jnp.take``;
-    when it does, the ring exchange above (no all-gather). Works inside and outside ``jit``."""
+    ``PartitionSpec``; ``None``: replicated), returned with that layout. ``idx``: integers of length
+    ``x.shape[axis]``, negative ones counted from the end; a concrete index out of range is a
+    :class:`ShardingError` (a traced one is clamped). When ``spec`` does not split ``axis`` this is
+    the plain local ``jnp.take``; when it does, the ring exchange above (no all-gather). Works inside
+    and outside ``jit``."""
+    x = jnp.asarray(x)
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
+        raise ShardingError(path, f"axis {axis!r} out of range for an array of rank {x.ndim}", shape=tuple(x.shape))
     spec = normalize_spec(spec if spec is not None else P(), x.ndim, path, mesh, tuple(x.shape))
-    axis = axis % x.ndim
-    if idx.shape != (x.shape[axis],):
-        raise ShardingError(path, f"index of shape {tuple(idx.shape)} for axis {axis} of length "
-                                  f"{x.shape[axis]}; expected ({x.shape[axis]},)", shape=tuple(x.shape))
+    axis = int(axis) % x.ndim
+    n = x.shape[axis]
+    idx = _check_index(idx, n, axis, path, tuple(x.shape))
     names = _axes(spec[axis])
     if not names:
-        return jnp.take(x, idx, axis=axis)
+        y, sh = jnp.take(x, idx, axis=axis), NamedSharding(mesh, spec)
+        return jax.lax.with_sharding_constraint(y, sh) if isinstance(y, jax.core.Tracer) else jax.device_put(y, sh)
     d = axis_size(mesh, spec[axis])
-    b = x.shape[axis] // d
+    b = n // d
     name = names if len(names) > 1 else names[0]
     ring = [(i, (i + 1) % d) for i in range(d)]
 
     def local(xb, ix):
+        # Block numbers follow axis_index (the spec's order of mesh axes); ppermute's ring follows the
+        # mesh's device order, which differs for a tuple not in mesh order, so each block travels
+        # with its owner's number instead of the owner being inferred from the step.
         me = jax.lax.axis_index(name)
-        want = jax.lax.dynamic_slice_in_dim(ix.astype(jnp.int32), me * b, b)
+        want = jax.lax.dynamic_slice_in_dim(ix, me * b, b)
         src, off = want // b, want % b
         shape = [1] * xb.ndim
         shape[axis] = b
@@ -54,12 +84,11 @@ def take(x: jax.Array, idx: jax.Array, axis: int, mesh: Mesh, spec=None, *, path
         def pick(held, owner, out):  # rows of this device's output that live in `held`
             return jnp.where((src == owner).reshape(shape), jnp.take(held, off, axis=axis), out)
 
-        def step(r, carry):
-            held, out = carry
-            held = jax.lax.ppermute(held, name, ring)  # now the block of device (me - r) mod d
-            return held, pick(held, (me - r) % d, out)
+        def step(_, carry):
+            held, owner, out = carry
+            held, owner = jax.lax.ppermute((held, owner), name, ring)
+            return held, owner, pick(held, owner, out)
 
-        out = pick(xb, me, jnp.zeros_like(xb))
-        return jax.lax.fori_loop(1, d, step, (xb, out))[1]
+        return jax.lax.fori_loop(1, d, step, (xb, me, pick(xb, me, jnp.zeros_like(xb))))[2]
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec, check_vma=False)(x, idx)

@@ -81,19 +81,28 @@ def _largest_shard(tree, mesh, rules, sel, dtype=jnp.float32) -> int:
     return best
 
 
+_LAYER_SEG = r"(\d+|.*_\d+)"                       # "3" (model.layers.3), "layer_3", "h_3"
+_ATTN_IN = r"(^|[._/])(q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj)([._/]|$)"
+_MLP_IN = r"(^|[._/])(gate|up|w1|w3|gate_proj|up_proj|wi_0|wi_1)([._/]|$)"
+
+
 def _hessian_groups(shapes: Mapping[str, Any], select) -> dict[str, list[int]]:
-    """Per layer, the input sizes K of the distinct matmul inputs of the selected (out, in) weights."""
+    """Per layer (the path up to its first numbered segment: ``model.layers.3``, ``encoder/layer_3``,
+    ``h.3``), the input sizes K of the distinct matmul inputs of the selected 2-D weights: Q/K/V
+    share one input, gate/up another, every other weight has its own. K is the last axis of a
+    PyTorch-layout ``weight`` (out, in) and the first of a flax ``kernel`` (in, out)."""
     import re
 
     layers: dict[str, dict[str, int]] = {}
     for path, x in shapes.items():
         if not (wtree.is_array(x) and len(x.shape) == 2 and select(path, x)):
             continue
-        m = re.match(r"(.*?layers\.\d+)\.(.*)$", path)
-        layer, rest = (m.group(1), m.group(2)) if m else ("", path)
-        shared = ("attn_in" if re.search(r"(q|k|v)_proj", rest) else "mlp_in" if re.search(r"(gate|up)_proj", rest)
-                  else rest)
-        layers.setdefault(layer, {})[shared] = int(x.shape[-1])
+        segs = re.split(r"[./]", path)
+        cut = next((i + 1 for i, seg in enumerate(segs[:-1]) if re.fullmatch(_LAYER_SEG, seg)), 0)
+        layer, rest = ".".join(segs[:cut]), ".".join(segs[cut:])
+        shared = "attn_in" if re.search(_ATTN_IN, rest) else "mlp_in" if re.search(_MLP_IN, rest) else rest
+        k = int(x.shape[0] if segs[-1] == "kernel" else x.shape[-1])
+        layers.setdefault(layer, {})[shared] = k
     return {k: list(v.values()) for k, v in layers.items()}
 
 

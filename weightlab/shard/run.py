@@ -8,10 +8,14 @@ ShardingError naming the leaf and mesh axis before anything is computed), runs `
 state to the params' shardings (:mod:`.state`: an optimizer's accumulators stay sharded). Extras that are
 arrays or pytrees of arrays (``key``, ``grads``, ``stats``, ``batch``) are traced arguments; others
 (``apply_fn``, strings) are static, and each combination of static extras compiles once.
+While the transform is traced, :func:`current` names the mesh and rules, so code inside it that
+moves data between devices (alignment's permutations) follows the same layout without being told.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -22,7 +26,28 @@ from ..core import WeightTransform, _check_transform
 from .rules import named_shardings
 from .state import state_shardings
 
-__all__ = ["jit", "put", "place", "constrain"]
+__all__ = ["jit", "put", "place", "constrain", "current"]
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("weightlab_shard_jit", default=None)
+
+
+def current():
+    """``(mesh, rules, indivisible)`` of the :func:`jit` whose transform is being traced, else ``None``.
+
+    Functions that move data between devices read it, so a transform run under ``shard.jit`` needs
+    no ``mesh=`` of its own: :func:`weightlab.align.permute` then reorders the axes the rules split
+    by the ring exchange of :mod:`.permute`. (Matching itself runs on the host and is refused under
+    ``jit``; it reads sharded params outside it.)"""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def _active(mesh, rules, indivisible):
+    token = _ACTIVE.set((mesh, rules, indivisible))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def put(x, s):
@@ -99,7 +124,8 @@ def jit(transform: WeightTransform, mesh: Mesh, rules=None, *, indivisible: str 
         statics = {k: v for k, v in extras.items() if k not in dyn}
 
         def f(p, s, ex):
-            return transform.apply(p, s, **ex, **statics)
+            with _active(mesh, r, ind):
+                return transform.apply(p, s, **ex, **statics)
 
         out_params, out_state = jax.eval_shape(f, params, state, dyn)
         out_sh = named_shardings(out_params, mesh, r if out_rules is None else out_rules, indivisible=ind)

@@ -9,7 +9,9 @@ each state leaf the sharding of the parameter whose path its own path ends with:
 * the parameter's shape behind extra leading axes (small_fc's ``(4, *shape)`` momenta, stacks):
   the spec behind replicated leading axes;
 * a vector over the matrix view's rows or columns (Adafactor-style factors): that axis's spec where
-  the parameter is a matrix;
+  the parameter is a matrix; for a square matrix the state's path decides (a path segment naming
+  ``row``, as optax's ``v_row`` and small_fc's ``row``, takes the rows' spec; otherwise the
+  columns');
 * anything else (step counts, scalars, per-tensor states): replicated.
 
 :func:`init` is ``jax.jit(opt.init)`` with those out-shardings, for optax transforms and
@@ -30,7 +32,7 @@ from .rules import partition_specs
 __all__ = ["state_shardings", "init"]
 
 
-def _spec_for(shape, pshape, pspec) -> P:
+def _spec_for(shape, pshape, pspec, path: str = "") -> P:
     pspec = list(pspec) + [None] * (len(pshape) - len(pspec))
     shape, pshape = tuple(shape), tuple(pshape)
     if shape == pshape:
@@ -40,10 +42,11 @@ def _spec_for(shape, pshape, pspec) -> P:
         return P(*([None] * extra), *pspec)
     if len(shape) == 1 and len(pshape) >= 2:
         rows = math.prod(pshape[:-1])
+        row_named = any("row" in seg.lower() for seg in path.split("/"))
+        if shape[0] == rows and len(pshape) == 2 and (row_named or shape[0] != pshape[-1]):
+            return P(pspec[0])
         if shape[0] == pshape[-1]:
             return P(pspec[-1])
-        if shape[0] == rows and len(pshape) == 2:
-            return P(pspec[0])
     return P(*([None] * len(shape)))
 
 
@@ -59,7 +62,7 @@ def state_shardings(state: Any, params: Any, mesh: Mesh, rules=(), *, indivisibl
             return None
         for pp in by_len:
             if pp in pshapes and (path == pp or path.endswith("/" + pp)):
-                return NamedSharding(mesh, _spec_for(x.shape, pshapes[pp], pspecs[pp]))
+                return NamedSharding(mesh, _spec_for(x.shape, pshapes[pp], pspecs[pp], path[:len(path) - len(pp)]))
         return NamedSharding(mesh, P(*([None] * len(x.shape))))
 
     return wtree.map_with_path(one, state)
