@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
+# One pytest worker per core, 2 to 4 (each worker holds 8 virtual devices and ~3 GB).
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 2 ? 2 : (n > 4 ? 4 : n) )))
 # 8 virtual CPU devices so the sharding tests see a mesh (tests/conftest.py sets it too).
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
@@ -26,7 +28,7 @@ demo: install
 	$(VENV)/bin/weightlab demo
 
 test: install
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis
