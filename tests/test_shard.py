@@ -336,3 +336,8 @@ def test_factored_state_of_a_square_matrix_follows_rows_and_columns_by_name(mesh
     fac = next(s for s in jax.tree.leaves(ada, is_leaf=lambda s: hasattr(s, "v_row")) if hasattr(s, "v_row"))
     assert fac.v_row["w"].shape == (16,) and fac.v_row["w"].sharding.spec == P("data")
     assert fac.v_col["w"].sharding.spec == P("model")
+    # a label that merely contains "row" ("narrow") does not make a column factor a row factor
+    mt = optax.multi_transform({"narrow": optax.adafactor(1e-3, min_dim_size_to_factor=4)}, {"w": "narrow", "v": "narrow"})
+    st = ws.init(mt, p, mesh, rules)
+    fac = next(s for s in jax.tree.leaves(st, is_leaf=lambda s: hasattr(s, "v_row")) if hasattr(s, "v_row"))
+    assert fac.v_col["w"].sharding.spec == P("model") and fac.v_row["w"].sharding.spec == P("data")

@@ -187,3 +187,38 @@ def test_under_shard_jit_alignment_permutes_by_the_ring_without_being_told(mesh)
 
     with pytest.raises(AlignError, match="is traced: matching runs on the host"):
         wl.apply_once(ws.jit(align.transform("weight_matching", spec), mesh, rules), sh, reference=sh)
+
+
+def test_mesh_paths_keep_what_worked_without_them(mesh):
+    """Regressions a review found: a stack of QArrays (leading model axis) with mesh= takes the
+    vmapped gather; under shard.jit, align.permute of a tree the rules do not fit (widths 6 on a
+    4-way axis) gathers those leaves as without a mesh instead of raising."""
+    import weightlab as wl
+    from weightlab import quant, tree as wtree
+
+    m = models.mlp(jax.random.key(0), hidden=(32, 16))
+    x = jax.random.normal(jax.random.key(1), (8, 40))
+    spec = align.infer_spec(m.apply_fn, m.params, x)
+    perms = dict(align.random_perms(spec, jax.random.key(5)))
+    q = quant.quantize(m.params, "rtn", select=r"dense_1/kernel", bits=8, group_size=0)
+    q2 = quant.quantize(jax.tree.map(lambda v: 2 * v, m.params), "rtn", select=r"dense_1/kernel", bits=8, group_size=0)
+    mix = jax.tree.map(lambda v: v, q, is_leaf=wtree.is_atomic)
+    mix["dense_1"]["kernel"] = jax.tree.map(lambda a, b: jnp.stack([a, b]), q["dense_1"]["kernel"], q2["dense_1"]["kernel"])
+    want = align.permute(spec, perms, mix)
+    for rules in ([("dense_1/kernel", P("model", None))], []):
+        got = align.permute(spec, perms, mix, mesh=mesh, rules=rules)
+        np.testing.assert_array_equal(np.asarray(got["dense_1"]["kernel"].dequantize()),
+                                      np.asarray(want["dense_1"]["kernel"].dequantize()))
+
+    t = models.mlp(jax.random.key(2), hidden=(6, 6))
+    spec_t = align.infer_spec(t.apply_fn, t.params, x)
+    perms_t = dict(align.random_perms(spec_t, jax.random.key(5)))
+    rules = [("dense_[0-9]/kernel", P(None, "model"))]  # fits m (32, 16), not t (6)
+    other = []
+
+    def f(p):
+        other.append(align.permute(spec_t, perms_t, t.params))
+        return p
+
+    wl.apply_once(ws.jit(wl.stateless(f), mesh, rules), ws.shard(m.params, mesh, rules))
+    assert other

@@ -65,17 +65,31 @@ def test_plan_for_a_1b_llama_on_8_64_256_devices_runs_from_shapes_alone():
     assert totals[0] > 7.9 * totals[1] and totals[1] > 3.9 * totals[2]  # FSDP x TP divides the model
 
 
-def test_hessians_are_grouped_per_layer_for_llama_bert_and_flax_names():
+def test_hessians_are_grouped_per_layer_for_llama_bert_flax_and_experts():
     """GPTQ's Hessians: one per distinct matmul input and layer, whatever the naming: Q/K/V share
-    one, gate/up another; K from the (out, in) ``weight`` or the (in, out) flax ``kernel``."""
+    one, gate/up another (per expert: experts see different tokens); K from the (out, in)
+    ``weight`` or the (in, out) flax ``kernel``; a numbered segment without siblings (flax's
+    ``Encoder_0``) is not the layer list."""
     from weightlab.shard.plan import _hessian_groups
 
     S = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    shapes = {"model.layers.0.self_attn.q_proj.weight": S(64, 32), "model.layers.0.self_attn.k_proj.weight": S(16, 32),
-              "model.layers.0.self_attn.o_proj.weight": S(32, 64), "model.layers.0.mlp.up_proj.weight": S(128, 32),
-              "model.layers.0.mlp.gate_proj.weight": S(128, 32), "model.layers.0.mlp.down_proj.weight": S(32, 128),
-              "encoder/layer_2/attn/query/kernel": S(24, 24), "encoder/layer_2/attn/value/kernel": S(24, 24),
-              "encoder/layer_2/attn/out/kernel": S(24, 24), "encoder/layer_2/mlp/up/kernel": S(24, 96),
-              "encoder/layer_2/mlp/down/kernel": S(96, 24), "h.3.attn.c_proj.weight": S(8, 40), "lm_head.weight": S(100, 32)}
+    shapes = {}
+    for i in range(2):
+        shapes.update({f"model.layers.{i}.self_attn.q_proj.weight": S(64, 32), f"model.layers.{i}.self_attn.k_proj.weight": S(16, 32),
+                       f"model.layers.{i}.self_attn.o_proj.weight": S(32, 64), f"model.layers.{i}.mlp.up_proj.weight": S(128, 32),
+                       f"model.layers.{i}.mlp.gate_proj.weight": S(128, 32), f"model.layers.{i}.mlp.down_proj.weight": S(32, 128),
+                       f"encoder/layer_{i}/attn/query/kernel": S(24, 24), f"encoder/layer_{i}/attn/value/kernel": S(24, 24),
+                       f"encoder/layer_{i}/attn/out/kernel": S(24, 24), f"encoder/layer_{i}/mlp/up/kernel": S(24, 96),
+                       f"encoder/layer_{i}/mlp/down/kernel": S(96, 24), f"Encoder_0/EncoderBlock_{i}/Dense_0/kernel": S(8, 16),
+                       f"Encoder_0/EncoderBlock_{i}/Dense_1/kernel": S(16, 8)})
+        for e in range(3):
+            shapes.update({f"moe.layers.{i}.experts.{e}.w1.weight": S(56, 16), f"moe.layers.{i}.experts.{e}.w3.weight": S(56, 16),
+                           f"moe.layers.{i}.experts.{e}.w2.weight": S(16, 56)})
+    shapes["lm_head.weight"] = S(100, 32)
     g = _hessian_groups(shapes, lambda p, x: True)
-    assert g == {"model.layers.0": [32, 64, 32, 128], "encoder.layer_2": [24, 24, 24, 96], "h.3": [40], "": [32]}
+    for i in range(2):
+        assert g[f"model.layers.{i}"] == [32, 64, 32, 128]
+        assert g[f"encoder.layer_{i}"] == [24, 24, 24, 96]
+        assert g[f"Encoder_0.EncoderBlock_{i}"] == [8, 16]
+        assert g[f"moe.layers.{i}"] == [16, 56] * 3  # each expert: w1/w3 share an input, w2 its own
+    assert g[""] == [32] and len(g) == 9

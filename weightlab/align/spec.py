@@ -333,8 +333,8 @@ def _take(x, axis: int, idx, path: str, mesh=None, spec=None):
     """Gather ``x`` (an array or a QArray) along ``axis``; with ``mesh`` and the leaf's ``spec`` (a
     ``PartitionSpec``, or for a QArray a QArray of its children's specs) by the ring exchange wherever
     the gathered axis is split over devices."""
-    if mesh is None or spec is None:
-        ring = None
+    if mesh is None or spec is None or (wtree.is_atomic(x) and np.ndim(x.codes) > x.ndim):
+        ring = None  # a stack of QArrays (leading model axis) takes permute_qarray's vmapped gather
     else:
         from ..shard.permute import take as ring_take
 
@@ -359,7 +359,8 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
     ``shard.jit`` being traced when neither is given), an array whose permuted axis the rules split over devices is
     reordered by :func:`weightlab.shard.permute.take`, a ring of neighbour exchanges, instead of
     XLA's gather of the whole weight on every device; for QArray leaves the same holds for each
-    child (codes, scales, zeros ...) that the weight's spec splits along the permuted axis."""
+    child (codes, scales, zeros, tables, ``pre``, ``lr_a``) that the weight's spec splits along the
+    permuted axis, except a low-rank ``lr_b`` and stacks of QArrays, which take XLA's gather."""
     check_is_spec(spec)
     check_perms(spec, perms)
     pairs, treedef = wtree.flatten_with_paths(params, is_leaf=wtree.is_atomic)
@@ -370,7 +371,10 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
     if mesh is None and rules is None:
         from ..shard.run import current
 
-        mesh, rules, ind = current() or (None, None, ind)  # traced under shard.jit: its mesh and rules
+        # Traced under shard.jit: its mesh and rules, for the tree given here, which need not be the
+        # one shard.jit placed; a leaf the rules do not fit is then gathered as without a mesh.
+        mesh, rules, _ = current() or (None, None, None)
+        ind = "replicate"
     if mesh is not None:
         from ..shard import default_rules, partition_specs
 

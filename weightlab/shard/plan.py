@@ -81,28 +81,38 @@ def _largest_shard(tree, mesh, rules, sel, dtype=jnp.float32) -> int:
     return best
 
 
-_LAYER_SEG = r"(\d+|.*_\d+)"                       # "3" (model.layers.3), "layer_3", "h_3"
-_ATTN_IN = r"(^|[._/])(q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj)([._/]|$)"
-_MLP_IN = r"(^|[._/])(gate|up|w1|w3|gate_proj|up_proj|wi_0|wi_1)([._/]|$)"
+_NUMBERED = r"(\d+|.*_\d+)"                         # "3" (model.layers.3), "layer_3", "EncoderBlock_3"
+_ATTN_IN = r"q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj"
+_MLP_IN = r"gate|up|w1|w3|gate_proj|up_proj|wi_0|wi_1"
 
 
 def _hessian_groups(shapes: Mapping[str, Any], select) -> dict[str, list[int]]:
-    """Per layer (the path up to its first numbered segment: ``model.layers.3``, ``encoder/layer_3``,
-    ``h.3``), the input sizes K of the distinct matmul inputs of the selected 2-D weights: Q/K/V
-    share one input, gate/up another, every other weight has its own. K is the last axis of a
-    PyTorch-layout ``weight`` (out, in) and the first of a flax ``kernel`` (in, out)."""
+    """Per layer, the input sizes K of the distinct matmul inputs of the selected 2-D weights: Q/K/V
+    of one attention share one input, gate/up (w1/w3) of one MLP or expert another, every other
+    weight has its own. A layer is the path up to the first numbered segment that numbers a list
+    (``model.layers.3``, ``encoder/layer_3``, ``Encoder_0/EncoderBlock_3``: ``Encoder_0`` has no
+    siblings, so it is not the list). K is the last axis of a PyTorch-layout ``weight`` (out, in)
+    and the first of a flax ``kernel`` (in, out); a (in, out) ``weight`` (GPT-2's Conv1D) is
+    mis-sized."""
     import re
 
+    picked = {p: re.split(r"[./]", p) for p, x in shapes.items()
+              if wtree.is_array(x) and len(x.shape) == 2 and select(p, x)}
+    siblings: dict[tuple, set] = {}
+    for segs in picked.values():
+        for i, seg in enumerate(segs[:-1]):
+            if re.fullmatch(_NUMBERED, seg):
+                siblings.setdefault((tuple(segs[:i]), re.sub(r"\d+$", "", seg)), set()).add(seg)
     layers: dict[str, dict[str, int]] = {}
-    for path, x in shapes.items():
-        if not (wtree.is_array(x) and len(x.shape) == 2 and select(path, x)):
-            continue
-        segs = re.split(r"[./]", path)
-        cut = next((i + 1 for i, seg in enumerate(segs[:-1]) if re.fullmatch(_LAYER_SEG, seg)), 0)
-        layer, rest = ".".join(segs[:cut]), ".".join(segs[cut:])
-        shared = "attn_in" if re.search(_ATTN_IN, rest) else "mlp_in" if re.search(_MLP_IN, rest) else rest
+    for path, segs in picked.items():
+        cut = next((i + 1 for i, seg in enumerate(segs[:-1]) if re.fullmatch(_NUMBERED, seg)
+                    and len(siblings[(tuple(segs[:i]), re.sub(r"\d+$", "", seg))]) > 1), 0)
+        rest = segs[cut:-1]  # the weight's name inside its layer, without 'weight'/'kernel'
+        shared = [("attn_in" if re.fullmatch(_ATTN_IN, s) else "mlp_in" if re.fullmatch(_MLP_IN, s) else s)
+                  for s in rest] if rest else [segs[-1]]
+        x = shapes[path]
         k = int(x.shape[0] if segs[-1] == "kernel" else x.shape[-1])
-        layers.setdefault(layer, {})[shared] = k
+        layers.setdefault(".".join(segs[:cut]), {})[".".join(shared)] = k
     return {k: list(v.values()) for k, v in layers.items()}
 
 

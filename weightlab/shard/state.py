@@ -9,9 +9,9 @@ each state leaf the sharding of the parameter whose path its own path ends with:
 * the parameter's shape behind extra leading axes (small_fc's ``(4, *shape)`` momenta, stacks):
   the spec behind replicated leading axes;
 * a vector over the matrix view's rows or columns (Adafactor-style factors): that axis's spec where
-  the parameter is a matrix; for a square matrix the state's path decides (a path segment naming
-  ``row``, as optax's ``v_row`` and small_fc's ``row``, takes the rows' spec; otherwise the
-  columns');
+  the parameter is a matrix; for a square matrix the state's path decides (a path segment ``row``
+  or ending in ``_row``, as small_fc's ``row`` and optax's ``v_row``, takes the rows' spec;
+  otherwise the columns');
 * anything else (step counts, scalars, per-tensor states): replicated.
 
 :func:`init` is ``jax.jit(opt.init)`` with those out-shardings, for optax transforms and
@@ -42,7 +42,7 @@ def _spec_for(shape, pshape, pspec, path: str = "") -> P:
         return P(*([None] * extra), *pspec)
     if len(shape) == 1 and len(pshape) >= 2:
         rows = math.prod(pshape[:-1])
-        row_named = any("row" in seg.lower() for seg in path.split("/"))
+        row_named = any(seg.lower() == "row" or seg.lower().endswith("_row") for seg in path.split("/"))
         if shape[0] == rows and len(pshape) == 2 and (row_named or shape[0] != pshape[-1]):
             return P(pspec[0])
         if shape[0] == pshape[-1]:
