@@ -33,7 +33,7 @@ SEP = "/"
 __all__ = [
     "keystr", "flatten_with_paths", "paths", "to_flat_dict", "from_flat_dict", "map_with_path",
     "Selector", "SelectorLike", "selector", "mask", "is_atomic", "is_weight", "stack", "unstack", "num_models", "check_key", "leaf_key", "leaf_keys", "check_compatible",
-    "is_array", "nonfinite", "true_nbytes", "tree_nbytes", "param_count", "describe",
+    "is_array", "nonfinite", "true_nbytes", "tree_nbytes", "param_count", "describe", "gather_index",
 ]
 
 
@@ -485,3 +485,26 @@ def describe(tree: PyTree) -> list[tuple[str, tuple, str, int]]:
     """``[(path, shape, dtype, true_bytes)]`` for every array leaf."""
     return [(p, tuple(np.shape(x)), str(np.dtype(x.dtype)), true_nbytes(x))
             for p, x in flatten_with_paths(tree)[0] if is_array(x)]
+
+
+def gather_index(index, n: int, axis: int, fail: Callable[[str], Any]):
+    """``index`` as the int32 gather index of an axis of length ``n``, negative entries counted from
+    the end (as ``jnp.take``). Shape (``(n,)``) and integer dtype are always checked, the range only
+    when ``index`` is concrete (a traced one is clamped). ``fail(message)`` raises the caller's typed
+    error (alignment's and quantization's permutations share these checks)."""
+    if isinstance(index, (list, tuple, range)):
+        index = np.asarray(index)
+    shape = np.shape(index)
+    if len(shape) != 1:
+        fail(f"the index must be 1-D, found shape {tuple(shape)}")
+    if shape[0] != n:
+        fail(f"the index along axis {axis} must have length {n}, found length {shape[0]}")
+    dtype = getattr(index, "dtype", None)
+    if dtype is None or not (np.issubdtype(dtype, np.integer) or shape[0] == 0):
+        fail(f"the index must hold integers, found dtype {dtype}")
+    if not isinstance(index, jax.core.Tracer):
+        host = np.asarray(index)
+        if host.size and (host.min() < -n or host.max() >= n):
+            fail(f"index values must lie in [-{n}, {n}) for axis {axis} of length {n}, found [{host.min()}, {host.max()}]")
+    idx = jnp.asarray(index).astype(jnp.int32)
+    return jnp.clip(jnp.where(idx < 0, idx + n, idx), 0, max(n - 1, 0))

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import tree as wtree
 from ..errors import QuantizationError
 from .packing import pack, unpack
 from .qarray import QArray, is_qarray
@@ -80,24 +81,10 @@ def permute_qarray(q: QArray, axis: int, index, *, take=None) -> QArray:
 
 def _index(index, q: QArray, axis: int):
     """Validated int32 gather index (static checks always, value checks only when concrete)."""
-    n = q.shape[axis]
-    if isinstance(index, (list, tuple, range)):
-        index = np.asarray(index)
-    shape, dtype = np.shape(index), getattr(index, "dtype", None)
-    if len(shape) != 1:
-        raise QuantizationError(f"permute_qarray: the index must be 1-D, found shape {tuple(shape)}")
-    if shape[0] != n:
-        raise QuantizationError(f"permute_qarray: the index along axis {axis} of {q!r} must have length {n}, "
-                                f"found length {shape[0]}")
-    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or (shape[0] == 0)):
-        raise QuantizationError(f"permute_qarray: the index must hold integers, found dtype {dtype}")
-    if not isinstance(index, jax.core.Tracer):
-        host = np.asarray(index)
-        if host.size and (host.min() < -n or host.max() >= n):
-            raise QuantizationError(f"permute_qarray: index values must lie in [-{n}, {n}) for axis {axis} of "
-                                    f"length {n}, found [{host.min()}, {host.max()}]")
-    idx = jnp.asarray(index).astype(jnp.int32)
-    return jnp.clip(jnp.where(idx < 0, idx + n, idx), 0, max(n - 1, 0))
+    def fail(msg):
+        raise QuantizationError(f"permute_qarray: {msg} ({q!r})")
+
+    return wtree.gather_index(index, q.shape[axis], axis, fail)
 
 
 def _refuse(q: QArray, what: str):

@@ -22,30 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .. import tree as wtree
 from ..errors import ShardingError
 from .rules import _axes, axis_size, normalize_spec
 
 __all__ = ["take"]
-
-
-def _check_index(idx, n: int, axis: int, path: str, shape) -> jax.Array:
-    """``idx`` as int32 with negative entries counted from the end (as ``jnp.take``); checked for
-    shape and dtype always, and for range when it is concrete (a traced index is clamped)."""
-    if isinstance(idx, (list, tuple, range)):
-        idx = np.asarray(idx)
-    if np.shape(idx) != (n,):
-        raise ShardingError(path, f"index of shape {tuple(np.shape(idx))} for axis {axis} of length {n}; "
-                                  f"expected ({n},)", shape=shape)
-    dtype = getattr(idx, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ShardingError(path, f"index for axis {axis} must hold integers, found dtype {dtype}", shape=shape)
-    if not isinstance(idx, jax.core.Tracer):
-        host = np.asarray(idx)
-        if host.size and (host.min() < -n or host.max() >= n):
-            raise ShardingError(path, f"index values must lie in [-{n}, {n}) for axis {axis} of length {n}, "
-                                      f"found [{host.min()}, {host.max()}]", shape=shape)
-    idx = jnp.asarray(idx).astype(jnp.int32)
-    return jnp.clip(jnp.where(idx < 0, idx + n, idx), 0, max(n - 1, 0))
 
 
 def take(x: jax.Array, idx: jax.Array, axis: int, mesh: Mesh, spec=None, *, path: str = "") -> jax.Array:
@@ -61,7 +42,10 @@ def take(x: jax.Array, idx: jax.Array, axis: int, mesh: Mesh, spec=None, *, path
     spec = normalize_spec(spec if spec is not None else P(), x.ndim, path, mesh, tuple(x.shape))
     axis = int(axis) % x.ndim
     n = x.shape[axis]
-    idx = _check_index(idx, n, axis, path, tuple(x.shape))
+    def fail(msg):
+        raise ShardingError(path, msg, shape=tuple(x.shape))
+
+    idx = wtree.gather_index(idx, n, axis, fail)
     names = _axes(spec[axis])
     if not names:
         y, sh = jnp.take(x, idx, axis=axis), NamedSharding(mesh, spec)
