@@ -178,7 +178,7 @@ def test_under_shard_jit_alignment_permutes_by_the_ring_without_being_told(mesh)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the program shard.jit compiles: the same as under the context it sets
-    with run._active(mesh, rules, "error"):
+    with run._active(mesh, rules):
         text = hlo.compiled_text(jax.jit(lambda p, pr: align.permute(spec, pr, p)), sh, perms)
     assert set(hlo.collectives(text)) == {"collective-permute"}
     # matching itself runs on the host (LAP solvers, convergence loops): under shard.jit it is refused

@@ -500,7 +500,7 @@ def gather_index(index, n: int, axis: int, fail: Callable[[str], Any]):
     if shape[0] != n:
         fail(f"the index along axis {axis} must have length {n}, found length {shape[0]}")
     dtype = getattr(index, "dtype", None)
-    if dtype is None or not (np.issubdtype(dtype, np.integer) or shape[0] == 0):
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or shape[0] == 0):
         fail(f"the index must hold integers, found dtype {dtype}")
     if not isinstance(index, jax.core.Tracer):
         host = np.asarray(index)

@@ -373,7 +373,7 @@ def permute(spec: Spec, perms: Mapping[str, Any], params: Any, *, mesh=None, rul
 
         # Traced under shard.jit: its mesh and rules, for the tree given here, which need not be the
         # one shard.jit placed; a leaf the rules do not fit is then gathered as without a mesh.
-        mesh, rules, _ = current() or (None, None, None)
+        mesh, rules = current() or (None, None)
         ind = "replicate"
     if mesh is not None:
         from ..shard import default_rules, partition_specs

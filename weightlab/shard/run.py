@@ -32,7 +32,7 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("weightlab_shard_jit", 
 
 
 def current():
-    """``(mesh, rules, indivisible)`` of the :func:`jit` whose transform is being traced, else ``None``.
+    """``(mesh, rules)`` of the :func:`jit` whose transform is being traced, else ``None``.
 
     Functions that move data between devices read it, so a transform run under ``shard.jit`` needs
     no ``mesh=`` of its own: :func:`weightlab.align.permute` then reorders the axes the rules split
@@ -42,8 +42,8 @@ def current():
 
 
 @contextlib.contextmanager
-def _active(mesh, rules, indivisible):
-    token = _ACTIVE.set((mesh, rules, indivisible))
+def _active(mesh, rules):
+    token = _ACTIVE.set((mesh, rules))
     try:
         yield
     finally:
@@ -124,7 +124,7 @@ def jit(transform: WeightTransform, mesh: Mesh, rules=None, *, indivisible: str 
         statics = {k: v for k, v in extras.items() if k not in dyn}
 
         def f(p, s, ex):
-            with _active(mesh, r, ind):
+            with _active(mesh, r):
                 return transform.apply(p, s, **ex, **statics)
 
         out_params, out_state = jax.eval_shape(f, params, state, dyn)
